@@ -1,0 +1,46 @@
+"""The interface every lock backend offers the runner.
+
+A backend holds one named lock for one run. The runner drives it: ``try_acquire`` until it
+succeeds or the wait is over, ``wait_for_change`` in between, ``release`` after the command
+is gone. A backend never prints, never exits, and knows nothing of the command line.
+This module is for type checking only: nothing imports it at run time.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from taskrunner.holder import Holder
+from taskrunner.signals import SignalWatch
+
+
+class LockBackend(Protocol):
+    """One lock, as seen by one run."""
+
+    #: What the lock is called in messages: a path, or a key.
+    description: str
+    #: The record of a dead holder whose lock the last attempt cleared, if it did.
+    recovered: Holder | None
+
+    def try_acquire(self, holder: Holder) -> None:
+        """Take the lock now, recording ``holder``; raise ``LockBusy`` if another run or a
+        manual hold has it, ``LockUnusable`` if it cannot be used at all."""
+        raise NotImplementedError
+
+    def wait_for_change(self, deadline: float, watch: SignalWatch) -> bool:
+        """After ``LockBusy``: block until the holder lets go (True, try again) or the
+        ``time.monotonic()`` deadline passes (False)."""
+        raise NotImplementedError
+
+    def inheritable_fds(self) -> tuple[int, ...]:
+        """Descriptors the command must inherit so that the lock lasts as long as it does,
+        even if the runner is killed."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Give the lock up. Call only after the command is gone."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Free everything; releases the lock if it is still held."""
+        raise NotImplementedError

@@ -1,0 +1,334 @@
+"""The ``taskrunner`` command line: parse, build a job, run it, exit with its status.
+
+The options are one table, :data:`OPTIONS`. A run parses it with the small parser below;
+``--help`` (and anything else that wants an ``argparse`` parser) gets one built from the same
+table by :func:`main_parser`. ``argparse`` is not used on the run path because importing and
+building it costs more than the whole rest of an uncontended run: a cron wrapper should cost
+about what starting Python costs, and no more.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from taskrunner import __version__
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Sequence
+    from typing import Callable, NoReturn
+
+    from taskrunner.runner import Job
+
+USAGE_ERROR = 2
+_MAX_SECONDS = 10 * 365 * 86400
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DIGITS = frozenset("0123456789")
+
+USAGE = """\
+taskrunner -c CMD -l LOCKFILE [-t N -f COUNTERFILE] [options]
+       taskrunner -l LOCKFILE [-t N -f COUNTERFILE] [options] -- PROGRAM [ARG...]"""
+
+DESCRIPTION = """\
+Run a command only when no other run with the same lock is in progress, count the runs
+refused, and report when refusals pile up past a threshold: the sign of a job that hangs.
+
+The lock file exists exactly while a run holds it. A lock whose holder died (kill -9, crash,
+reboot) is taken over by the next run with a warning. A file taskrunner did not write is a
+manual hold: runs are refused and counted until it is removed."""
+
+EPILOG = """\
+DURATION is seconds (90, 1.5) or a number with a unit: 30s, 5m, 2h, 1d.
+
+exit status:
+  the command's own  the command ran (128+N if signal N killed it)
+  2                  usage error
+  71                 the lock or counter cannot be used; the command did not run
+  75                 busy: another run (or a manual hold) has the lock; not run
+  76                 busy, and this refusal took the count past the threshold: reported
+  124                the command reached --timeout and was stopped
+  126, 127           the program cannot be run, or was not found
+
+The command gets TASKRUNNER_LOCKFILE and TASKRUNNER_NAME in its environment."""
+
+
+class UsageError(Exception):
+    """A bad command line: usage on stderr, exit 2."""
+
+
+def duration(text: str) -> float:
+    """``90``, ``1.5``, ``30s``, ``5m``, ``2h``, ``1d`` -> seconds."""
+    number, scale = text, 1
+    if text[-1:] in _UNITS:
+        number, scale = text[:-1], _UNITS[text[-1]]
+    digits = number.replace(".", "", 1)
+    if not digits or not _DIGITS.issuperset(digits):
+        raise ValueError(f"not a duration: {text!r} (try 90, 1.5, 30s, 5m, 2h)")
+    seconds = float(number) * scale
+    if seconds > _MAX_SECONDS:
+        raise ValueError(f"duration too long: {text!r} (at most 10 years)")
+    return seconds
+
+
+def count(text: str) -> int:
+    """A whole number of 0 or more."""
+    if not text or not _DIGITS.issuperset(text) or len(text) > 18:
+        raise ValueError(f"not a whole number of 0 or more: {text!r}")
+    return int(text)
+
+
+def log_format(text: str) -> str:
+    if text not in ("text", "json"):
+        raise ValueError(f"not text or json: {text!r}")
+    return text
+
+
+FLAG = "flag"  # kind of an option that takes no value and may be repeated
+COUNT = "count"  # like FLAG, counting how often it is given
+
+
+class Option:
+    """One command-line option: its spellings, where it goes, what value it takes."""
+
+    __slots__ = ("choices", "dest", "flags", "group", "help", "kind", "metavar")
+
+    def __init__(
+        self,
+        flags: tuple[str, ...],
+        kind: Callable[[str], object] | str,
+        help: str,
+        group: str,
+        metavar: str | None = None,
+        choices: tuple[str, ...] | None = None,
+    ) -> None:
+        self.flags = flags
+        self.dest = flags[-1].lstrip("-").replace("-", "_")
+        self.kind = kind
+        self.help = help
+        self.group = group
+        self.metavar = metavar
+        self.choices = choices
+
+
+_JOB, _RUN, _OUT = "the job", "run options", "output"
+OPTIONS = (
+    Option(("-c", "--command"), str, "command to run through /bin/sh -c "
+           "(or give -- PROGRAM [ARG...])", _JOB, "CMD"),
+    Option(("-l", "--lockfile"), str, "path to the lock file, e.g. /tmp/backup.lock "
+           "(required)", _JOB, "LOCKFILE"),
+    Option(("-t", "--threshold"), count, "report when refusals exceed N (0: do not count); "
+           "needs -f", _JOB, "N"),
+    Option(("-f", "--counter-file"), str, "file that keeps the count of refusals; needs -t",
+           _JOB, "COUNTERFILE"),
+    Option(("--wait",), duration, "wait up to DURATION for the lock, then refuse (default 0: "
+           "refuse at once); a waiter starts as soon as the lock is released", _RUN, "DURATION"),
+    Option(("--timeout",), duration, "stop the command after DURATION: TERM to its process "
+           "group, KILL after --kill-after; exit 124 (default 0: no limit)", _RUN, "DURATION"),
+    Option(("--kill-after",), duration, "time between TERM and KILL at the time limit "
+           "(default 10s; 0: KILL at once)", _RUN, "DURATION"),
+    Option(("--cumulative",), FLAG, "keep counting refusals across successful runs; the count "
+           "resets only when a report fires", _RUN),
+    Option(("--name",), str, "the job's name in messages and logs (default: the lock file's "
+           "name)", _RUN, "NAME"),
+    Option(("-q", "--quiet"), FLAG, "errors only on stderr", _OUT),
+    Option(("-v", "--verbose"), COUNT, "more of taskrunner's own lines on stderr (-vv for "
+           "debug)", _OUT),
+    Option(("--log-file",), str, "also append taskrunner's events to PATH", _OUT, "PATH"),
+    Option(("--syslog",), FLAG, "also send taskrunner's events to syslog", _OUT),
+    Option(("--log-format",), log_format, "form of --log-file and --syslog lines (default "
+           "text)", _OUT, "FORMAT", ("text", "json")),
+)  # fmt: skip
+_BY_FLAG = {flag: opt for opt in OPTIONS for flag in opt.flags}
+
+
+def parse(args: Sequence[str]) -> dict[str, object]:
+    """Parse the options before ``--``: ``-x V``, ``-xV``, ``--long V``, ``--long=V``,
+    bundled flags (``-vv``). Raises :class:`UsageError`; ``-h`` and ``--version`` raise
+    ``SystemExit`` after printing."""
+    values: dict[str, object] = {}
+    todo = list(args)
+    while todo:
+        arg = todo.pop(0)
+        if arg in ("-h", "--help"):
+            main_parser().print_help()
+            raise SystemExit(0)
+        if arg == "--version":
+            sys.stdout.write(f"taskrunner {__version__}\n")
+            raise SystemExit(0)
+        if arg.startswith("--"):
+            flag, has_value, attached = arg.partition("=")
+        elif arg.startswith("-") and len(arg) > 1:
+            flag, attached = arg[:2], arg[2:]
+            has_value = "=" if attached else ""
+        else:
+            raise UsageError(f"unexpected argument {arg!r} (a program goes after --)")
+        opt = _BY_FLAG.get(flag)
+        if opt is None:
+            raise UsageError(f"unknown option {flag}")
+        name = "/".join(opt.flags)
+        if opt.kind in (FLAG, COUNT):
+            if has_value and flag.startswith("--"):
+                raise UsageError(f"{name} takes no value")
+            values[opt.dest] = int(values.get(opt.dest, 0)) + 1  # type: ignore[call-overload]
+            if attached:  # bundled short flags: -vv, -qv
+                todo.insert(0, "-" + attached)
+            continue
+        if opt.dest in values:
+            raise UsageError(f"{name} given more than once")
+        if has_value:
+            text = attached
+        elif todo:
+            text = todo.pop(0)
+        else:
+            raise UsageError(f"{name} needs a value ({opt.metavar})")
+        assert callable(opt.kind)
+        try:
+            values[opt.dest] = opt.kind(text)
+        except ValueError as exc:
+            raise UsageError(f"{name}: {exc}") from None
+    return values
+
+
+def main_parser() -> argparse.ArgumentParser:
+    """An ``argparse`` parser for the same options: the help text, and a way for tools to
+    read the command line's definition."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="taskrunner",
+        usage=USAGE,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for opt in OPTIONS:
+        group = groups.get(opt.group) or groups.setdefault(
+            opt.group, p.add_argument_group(opt.group)
+        )
+        if opt.kind == FLAG:
+            group.add_argument(*opt.flags, action="store_true", help=opt.help)
+        elif opt.kind == COUNT:
+            group.add_argument(*opt.flags, action="count", help=opt.help)
+        else:
+            group.add_argument(*opt.flags, metavar=opt.metavar, choices=opt.choices,
+                               help=opt.help)  # fmt: skip
+    p.add_argument("--version", action="version", version=f"taskrunner {__version__}")
+    return p
+
+
+def _job_from(values: dict[str, object], program: list[str] | None) -> Job:
+    from taskrunner.runner import Job
+
+    def text(key: str) -> str | None:
+        value = values.get(key)
+        return value if isinstance(value, str) else None
+
+    command, lockfile, counter_file = text("command"), text("lockfile"), text("counter_file")
+    threshold = values.get("threshold")
+    if lockfile is None:
+        raise UsageError("the lock file is required: -l LOCKFILE")
+    if command is not None and program is not None:
+        raise UsageError("give the command with -c CMD or after --, not both")
+    if command is None and program is None:
+        raise UsageError("no command: give -c CMD or -- PROGRAM [ARG...]")
+    if (threshold is None) != (counter_file is None):
+        raise UsageError("-t/--threshold and -f/--counter-file go together")
+    if values.get("cumulative") and threshold is None:
+        raise UsageError("--cumulative needs -t N -f COUNTERFILE")
+    if values.get("quiet") and values.get("verbose"):
+        raise UsageError("-q/--quiet and -v/--verbose contradict each other")
+    for key in ("command", "lockfile", "counter_file", "name", "log_file"):
+        if values.get(key) == "":
+            raise UsageError(f"--{key.replace('_', '-')} is empty")
+    if program == []:
+        raise UsageError("no program after --")
+    if program is not None and not program[0]:
+        raise UsageError("the program after -- is empty")
+    if counter_file is not None and os.path.abspath(counter_file) == os.path.abspath(lockfile):
+        raise UsageError("the counter file must not be the lock file")
+    name = text("name") or os.path.basename(lockfile) or lockfile
+    wait, timeout, kill_after = values.get("wait"), values.get("timeout"), values.get("kill_after")
+    return Job(
+        lockfile,
+        [command] if command is not None else list(program or ()),
+        shell=command is not None,
+        name=name,
+        threshold=threshold if isinstance(threshold, int) else 0,
+        counter_file=counter_file,
+        cumulative=bool(values.get("cumulative")),
+        wait=wait if isinstance(wait, float) else 0.0,
+        timeout=timeout if isinstance(timeout, float) else 0.0,
+        kill_after=kill_after if isinstance(kill_after, float) else 10.0,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    program = None
+    if "--" in args:
+        cut = args.index("--")
+        args, program = args[:cut], args[cut + 1 :]
+    try:
+        values = parse(args)
+        job = _job_from(values, program)
+    except UsageError as exc:
+        sys.stderr.write(f"usage: {USAGE}\ntaskrunner: error: {exc}\n")
+        return USAGE_ERROR
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else 0
+
+    from taskrunner.lockfile import FileLock
+    from taskrunner.report import Reporter
+    from taskrunner.runner import run
+
+    verbose = values.get("verbose")
+    log_file, fmt = values.get("log_file"), values.get("log_format")
+    reporter = Reporter(
+        verbosity=-1 if values.get("quiet") else verbose if isinstance(verbose, int) else 0,
+        name=job.name,
+        log_file=log_file if isinstance(log_file, str) else None,
+        syslog=bool(values.get("syslog")),
+        log_format=fmt if isinstance(fmt, str) else "text",
+    )
+    try:
+        return run(job, FileLock(job.lockfile), reporter)
+    finally:
+        reporter.close()
+
+
+def _ensure_std_fds() -> None:
+    """Open /dev/null on any of fds 0-2 the caller closed, so that no lock file or pipe of
+    ours ever lands there and reaches the command as its stdin or stdout."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)
+
+
+def entrypoint() -> NoReturn:
+    """The console script."""
+    _ensure_std_fds()
+    try:
+        status = main()
+    except KeyboardInterrupt:
+        status = 130
+    except BrokenPipeError:  # e.g. ``taskrunner --help | head -1``
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = 141
+    except Exception as exc:  # a bug: one line, not a traceback
+        sys.stderr.write(f"taskrunner: error: internal error: {type(exc).__name__}: {exc}\n")
+        status = 70
+    # Leave without the interpreter's teardown: by now the lock is released and every file
+    # of ours is closed, and tearing down the modules costs milliseconds per run.
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(status)

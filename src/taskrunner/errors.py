@@ -1,0 +1,63 @@
+"""The errors taskrunner raises. Only the command line turns them into messages and statuses."""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from taskrunner.holder import Holder
+
+
+class TaskrunnerError(Exception):
+    """Base class of every error taskrunner raises on purpose."""
+
+
+class Unusable(TaskrunnerError):
+    """A lock or counter path that cannot be used: the command must not run (exit 71)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class LockUnusable(Unusable):
+    """The lock cannot be taken or inspected: bad path, wrong file type, permission, disk."""
+
+
+class CounterUnusable(Unusable):
+    """The counter file cannot be read or updated."""
+
+
+class LockBusy(TaskrunnerError):
+    """Another run holds the lock, or an operator put a file of their own in its place."""
+
+    def __init__(self, path: str, holder: Holder | None, since: float | None) -> None:
+        self.path = path
+        self.holder = holder
+        """The holder's record; None for a manual hold (a file taskrunner did not write)."""
+        self.since = holder.started if holder is not None else since
+        """When the hold began (Unix time), if known."""
+        what = holder.describe() if holder is not None else "a manual hold"
+        super().__init__(f"{path}: busy: {what}")
+
+    @property
+    def manual(self) -> bool:
+        return self.holder is None
+
+
+class Interrupted(TaskrunnerError):
+    """A termination signal arrived before the command was started."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum = signum
+
+
+class CannotRun(TaskrunnerError):
+    """The program could not be started: 127 when not found, 126 otherwise (as a shell says)."""
+
+    def __init__(self, program: str, reason: str, status: int) -> None:
+        super().__init__(f"{program}: {reason}")
+        self.program = program
+        self.reason = reason
+        self.status = status

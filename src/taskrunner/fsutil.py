@@ -1,0 +1,94 @@
+"""Small file-system helpers shared by the lock and the counter.
+
+Every path is opened relative to a directory descriptor, never through a symlink, never
+blocking on a FIFO, and accepted only if it is a regular file of the user taskrunner runs as.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from taskrunner.errors import Unusable
+
+OPEN_FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK
+
+_REASONS = {
+    errno.ENOENT: "no such file or directory",
+    errno.ENOTDIR: "a path component is not a directory",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.ELOOP: "is a symbolic link",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.EISDIR: "is a directory",
+    errno.ENXIO: "is a FIFO or device",
+    errno.EIO: "input/output error",
+    errno.EMFILE: "too many open files",
+}
+
+
+def reason(exc: OSError) -> str:
+    """A short reason for an OSError, without the path (the caller names the path)."""
+    if exc.errno is None:
+        return str(exc)
+    return _REASONS.get(exc.errno) or os.strerror(exc.errno).lower()
+
+
+def kind(mode: int) -> str:
+    """What a file of this mode is, for a refusal message."""
+    if stat.S_ISDIR(mode):
+        return "is a directory"
+    if stat.S_ISLNK(mode):
+        return "is a symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "is a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "is a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device"
+    return "is not a regular file"
+
+
+def open_parent(path: str, error: type[Unusable]) -> tuple[int, str]:
+    """A descriptor for the directory of ``path``, and the file name within it; raises
+    ``error`` if there is no such directory or ``path`` names no file."""
+    head, name = os.path.split(path)
+    head = head or "."
+    if name in ("", ".", ".."):
+        raise error(path, "is a directory, not a file path")
+    try:
+        return os.open(head, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), name
+    except OSError as exc:
+        raise error(path, f"directory {head}: {reason(exc)}") from None
+
+
+def check_ours(st: os.stat_result) -> str | None:
+    """Why a file at a lock or counter path cannot be used, or None if it can."""
+    if not stat.S_ISREG(st.st_mode):
+        return kind(st.st_mode)
+    if st.st_uid != os.geteuid():
+        return f"belongs to uid {st.st_uid}, not to uid {os.geteuid()}"
+    return None
+
+
+def same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return a.st_ino == b.st_ino and a.st_dev == b.st_dev
+
+
+def still_named(dirfd: int, name: str, st: os.stat_result) -> bool:
+    """Whether ``name`` in ``dirfd`` still names the file ``st`` describes."""
+    try:
+        return same_file(os.stat(name, dir_fd=dirfd, follow_symlinks=False), st)
+    except FileNotFoundError:
+        return False
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write ``data`` at the start of the file ``fd``."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], done)

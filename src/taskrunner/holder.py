@@ -1,0 +1,166 @@
+"""The holder record written into a lock file, and the identity of a process.
+
+Format (version 1), UTF-8 text, one ``key value`` pair a line after a fixed first line::
+
+    taskrunner-lock 1
+    pid 4242
+    host web1
+    boot_id 5f0c0e1e-...
+    proc_start 1234567
+    started 1764860000.123
+    command backup.sh --full
+
+``proc_start`` is the process's start time in clock ticks after boot (field 22 of
+``/proc/PID/stat``); with ``boot_id`` it tells a live process from a reused pid. Values escape
+backslash, newline and carriage return. Readers ignore keys they do not know.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+MAGIC = b"taskrunner-lock 1\n"
+_MAX_RECORD = 65536
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _unescape(value: str) -> str:
+    out = []
+    chars = iter(value)
+    for c in chars:
+        if c == "\\":
+            nxt = next(chars, "")
+            out.append({"n": "\n", "r": "\r"}.get(nxt, nxt))
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def _read_small(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4096).decode("ascii", "replace")
+    except OSError:
+        return None
+
+
+def boot_id() -> str | None:
+    """This boot's random id (Linux), or None where the kernel does not give one."""
+    text = _read_small("/proc/sys/kernel/random/boot_id")
+    return text.strip() if text else None
+
+
+def process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks after boot (Linux), or None if unknown."""
+    text = _read_small(f"/proc/{pid}/stat")
+    if not text:
+        return None
+    # The command name (field 2) is in parentheses and may itself hold spaces or ')'.
+    fields = text[text.rfind(")") + 2 :].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def format_age(seconds: float) -> str:
+    """A short human duration: ``45s``, ``3m12s``, ``2h05m``, ``3d04h``."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+class Holder:
+    """Who holds (or held) a lock: enough to name it in a report and to judge it alive."""
+
+    __slots__ = ("boot_id", "command", "host", "pid", "proc_start", "started")
+
+    def __init__(
+        self,
+        pid: int,
+        host: str,
+        started: float,
+        command: str,
+        boot_id: str | None = None,
+        proc_start: int | None = None,
+    ) -> None:
+        self.pid = pid
+        self.host = host
+        self.started = started
+        self.command = command
+        self.boot_id = boot_id
+        self.proc_start = proc_start
+
+    @classmethod
+    def current(cls, command: str) -> Holder:
+        """The record for this process, about to run ``command``."""
+        pid = os.getpid()
+        return cls(pid, os.uname().nodename, time.time(), command, boot_id(), process_start(pid))
+
+    def encode(self) -> bytes:
+        lines = [f"pid {self.pid}", f"host {_escape(self.host)}"]
+        if self.boot_id:
+            lines.append(f"boot_id {_escape(self.boot_id)}")
+        if self.proc_start is not None:
+            lines.append(f"proc_start {self.proc_start}")
+        lines.append(f"started {self.started:.3f}")
+        lines.append(f"command {_escape(self.command)}")
+        body = "\n".join(lines) + "\n"
+        return MAGIC + body.encode("utf-8", "surrogateescape")
+
+    @classmethod
+    def decode(cls, data: bytes) -> Holder | None:
+        """The record in ``data``, or None if it is not a taskrunner record."""
+        if not data.startswith(MAGIC) or len(data) > _MAX_RECORD:
+            return None
+        fields: dict[str, str] = {}
+        for line in data[len(MAGIC) :].decode("utf-8", "surrogateescape").split("\n"):
+            key, _, value = line.partition(" ")
+            if key:
+                fields[key] = _unescape(value)
+        try:
+            proc_start = fields.get("proc_start")
+            return cls(
+                pid=int(fields["pid"]),
+                host=fields.get("host", "?"),
+                started=float(fields["started"]),
+                command=fields.get("command", ""),
+                boot_id=fields.get("boot_id") or None,
+                proc_start=int(proc_start) if proc_start else None,
+            )
+        except (KeyError, ValueError):
+            return None
+
+    def is_alive(self) -> bool | None:
+        """Whether the recorded process still runs: None when that cannot be told from here
+        (another host)."""
+        if self.host != os.uname().nodename:
+            return None
+        if self.boot_id is not None and self.boot_id != boot_id():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        start = process_start(self.pid)
+        return self.proc_start is None or start is None or start == self.proc_start
+
+    def describe(self, when: str = "") -> str:
+        """``pid 4242 on web1 for 3m12s (command 'backup.sh')``, ``when`` being the middle."""
+        when = f" {when}" if when else ""
+        return f"pid {self.pid} on {self.host}{when} (command {self.command!r})"
+
+    def age(self, now: float | None = None) -> str:
+        """How long ago the hold began, e.g. ``3m12s``."""
+        return format_age((time.time() if now is None else now) - self.started)

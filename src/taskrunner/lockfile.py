@@ -1,0 +1,277 @@
+"""The single-host lock: a file that exists exactly while a run holds it.
+
+Liveness comes from ``flock``, which the kernel drops when the last holder of the file goes,
+so no pid is ever guessed. Taking the lock is one exclusive ``link`` of a file that already
+holds our complete record and our flock, so the path never shows a half-written record and
+never shows an unlocked one. Whoever finds a file at the path and wins its flock knows that
+nobody holds it: with a taskrunner record its holder died (stale: remove it and try again),
+without one an operator put it there (a manual hold). Every win is checked against the path,
+because a waiter may win the flock of a file that was already removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import time
+
+from taskrunner.errors import LockBusy, LockUnusable
+from taskrunner.fsutil import (
+    OPEN_FLAGS,
+    check_ours,
+    open_parent,
+    reason,
+    still_named,
+    write_all,
+)
+from taskrunner.holder import Holder
+from taskrunner.signals import SignalWatch
+
+_READ_LIMIT = 65537
+# Each retry means another run changed the path under us; real contention settles long before.
+_MAX_ATTEMPTS = 10000
+_FRESH = 1.0  # seconds a prepared record may wait before its start time is renewed
+_TMPFILE_UNSUPPORTED = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL)
+
+
+class FileLock:
+    """A lock file at ``path``, as described in the module docstring."""
+
+    def __init__(self, path: str) -> None:
+        self.description = path
+        self.path = path
+        self.recovered: Holder | None = None
+        self._name = os.path.basename(path)
+        self._dirfd: int | None = None
+        self._fd: int | None = None  # our record: prepared, then linked at the path
+        self._tempname: str | None = None  # set when the record has a name of its own
+        self._ident: os.stat_result | None = None  # our file, while we hold the lock
+        self._busy_fd: int | None = None  # the holder's file, kept to wait on
+        self._anonymous = hasattr(os, "O_TMPFILE")
+
+    # -- acquiring ---------------------------------------------------------------------
+
+    def try_acquire(self, holder: Holder) -> None:
+        if self._ident is not None:
+            raise RuntimeError("lock already held")
+        self.recovered = None
+        self._drop_busy()
+        dirfd = self._open_dir()
+        for _ in range(_MAX_ATTEMPTS):
+            try:
+                fd = os.open(self._name, os.O_RDONLY | OPEN_FLAGS, dir_fd=dirfd)
+            except FileNotFoundError:
+                if self._publish(dirfd, holder):
+                    return
+                continue
+            except OSError as exc:
+                raise LockUnusable(self.path, reason(exc)) from None
+            try:
+                self._inspect(dirfd, fd)
+            finally:
+                if fd != self._busy_fd:
+                    os.close(fd)
+        raise LockUnusable(self.path, "the lock file keeps changing")
+
+    def _inspect(self, dirfd: int, fd: int) -> None:
+        """Judge the file another run or an operator left at the path. Returns when the
+        path has changed or was cleared (try again); raises when the lock is not ours."""
+        st = os.fstat(fd)
+        why = check_ours(st)
+        if why:
+            raise LockUnusable(self.path, why)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = Holder.decode(os.pread(fd, _READ_LIMIT, 0))
+            if holder is None and st.st_nlink > 1:
+                raise LockUnusable(self.path, f"has {st.st_nlink} hard links") from None
+            self._busy_fd = fd
+            raise LockBusy(self.path, holder, st.st_mtime) from None
+        # Nobody holds this file. Is it still the one at the path?
+        if not still_named(dirfd, self._name, st):
+            return
+        dead = Holder.decode(os.pread(fd, _READ_LIMIT, 0))
+        if dead is None:
+            links = os.fstat(fd).st_nlink
+            if links > 1:
+                raise LockUnusable(self.path, f"has {links} hard links")
+            raise LockBusy(self.path, None, st.st_mtime)
+        # Stale: its holder is gone. Removing it while we hold its flock is safe, since any
+        # other run that opened it will find it unnamed once it wins the flock in turn.
+        try:
+            os.unlink(self._name, dir_fd=dirfd)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise LockUnusable(self.path, f"cannot remove stale lock: {reason(exc)}") from None
+        self.recovered = dead
+
+    def _publish(self, dirfd: int, holder: Holder) -> bool:
+        """Link our record at the path: True if that made us the holder."""
+        if self._fd is None:
+            self._fd = self._prepare(dirfd, holder)
+        elif time.time() - holder.started > _FRESH:
+            # A waiter's record was written when it began to wait; say when it took over.
+            holder.started = time.time()
+            self._write_record(dirfd, self._fd, holder)
+        try:
+            if self._tempname is None:
+                os.link(f"/proc/self/fd/{self._fd}", self._name, dst_dir_fd=dirfd)
+            else:
+                os.link(
+                    self._tempname,
+                    self._name,
+                    src_dir_fd=dirfd,
+                    dst_dir_fd=dirfd,
+                    follow_symlinks=False,
+                )
+        except FileExistsError:
+            return False
+        except FileNotFoundError:
+            if self._tempname is None and not os.path.isdir("/proc/self/fd"):
+                self._anonymous = False  # no /proc: fall back to a named record
+                self._discard_record()
+                return False
+            raise LockUnusable(self.path, "no such file or directory") from None
+        except OSError as exc:
+            raise LockUnusable(self.path, reason(exc)) from None
+        self._ident = os.fstat(self._fd)
+        if self._tempname is not None:
+            self._discard_tempname(dirfd)
+            self._sweep_orphans(dirfd)
+        return True
+
+    def _prepare(self, dirfd: int, holder: Holder) -> int:
+        """A flocked, fully written record that is not yet at the path."""
+        fd = -1
+        try:
+            if self._anonymous:
+                try:
+                    fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
+                except OSError as exc:
+                    if exc.errno not in _TMPFILE_UNSUPPORTED:
+                        raise
+                    self._anonymous = False
+            if fd < 0:
+                self._tempname = f".{self._name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+                fd = os.open(
+                    self._tempname,
+                    os.O_RDWR | os.O_CREAT | os.O_EXCL | OPEN_FLAGS,
+                    0o600,
+                    dir_fd=dirfd,
+                )
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if fd >= 0:
+                os.close(fd)
+            self._discard_tempname(dirfd)
+            raise LockUnusable(self.path, reason(exc)) from None
+        self._write_record(dirfd, fd, holder)
+        return fd
+
+    def _write_record(self, dirfd: int, fd: int, holder: Holder) -> None:
+        try:
+            os.ftruncate(fd, 0)
+            write_all(fd, holder.encode())
+            # After a power cut the path must not show an empty file: that would read as a
+            # manual hold and stop the job until someone noticed.
+            os.fdatasync(fd)
+        except OSError as exc:
+            os.close(fd)
+            self._fd = None
+            self._discard_tempname(dirfd)
+            raise LockUnusable(self.path, reason(exc)) from None
+
+    def _discard_tempname(self, dirfd: int) -> None:
+        if self._tempname is not None:
+            try:
+                os.unlink(self._tempname, dir_fd=dirfd)
+            except OSError:
+                pass
+            self._tempname = None
+
+    def _discard_record(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._tempname is not None and self._dirfd is not None:
+            self._discard_tempname(self._dirfd)
+
+    def _sweep_orphans(self, dirfd: int) -> None:
+        """Named records left by runs that crashed before removing them (only where the
+        file system cannot make anonymous files): any that nobody flocks are removed."""
+        prefix = f".{self._name}."
+        try:
+            entries = [e.name for e in os.scandir(dirfd) if e.name.startswith(prefix)]
+        except OSError:
+            return
+        for entry in entries:
+            if not entry.endswith(".tmp"):
+                continue
+            try:
+                fd = os.open(entry, os.O_RDONLY | OPEN_FLAGS, dir_fd=dirfd)
+            except OSError:
+                continue
+            try:
+                st = os.fstat(fd)
+                if check_ours(st) is None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    if still_named(dirfd, entry, st):
+                        os.unlink(entry, dir_fd=dirfd)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+    # -- waiting, holding, releasing ---------------------------------------------------
+
+    def wait_for_change(self, deadline: float, watch: SignalWatch) -> bool:
+        fd = self._busy_fd
+        if fd is None:
+            return True
+        try:
+            return watch.call_until(lambda: fcntl.flock(fd, fcntl.LOCK_EX), deadline)
+        finally:
+            self._drop_busy()
+
+    def inheritable_fds(self) -> tuple[int, ...]:
+        return (self._fd,) if self._ident is not None and self._fd is not None else ()
+
+    def release(self) -> None:
+        ident, self._ident = self._ident, None
+        if ident is None:
+            return
+        try:
+            # Remove the path only while it is still ours, and while we still hold the flock:
+            # unlocking first would let a waiter win a file that a newcomer is replacing.
+            if self._dirfd is not None and still_named(self._dirfd, self._name, ident):
+                os.unlink(self._name, dir_fd=self._dirfd)
+        except OSError as exc:
+            raise LockUnusable(self.path, f"cannot remove lock file: {reason(exc)}") from None
+        finally:
+            self._discard_record()
+
+    def close(self) -> None:
+        try:
+            self.release()
+        finally:
+            self._drop_busy()
+            self._discard_record()
+            if self._dirfd is not None:
+                os.close(self._dirfd)
+                self._dirfd = None
+
+    def _open_dir(self) -> int:
+        if self._dirfd is None:
+            self._dirfd, self._name = open_parent(self.path, LockUnusable)
+        return self._dirfd
+
+    def _drop_busy(self) -> None:
+        if self._busy_fd is not None:
+            os.close(self._busy_fd)
+            self._busy_fd = None
+
+
+__all__ = ["FileLock"]

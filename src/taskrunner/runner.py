@@ -1,0 +1,219 @@
+"""One run: take the lock or refuse and count, run the command, release.
+
+Exit statuses (see the README's table): the command's own, 71 for a lock or counter that
+cannot be used, 75 busy, 76 busy and reported as stuck, 124 time limit, 126/127 cannot run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from taskrunner.errors import CannotRun, Interrupted, LockBusy, Unusable
+from taskrunner.holder import Holder, format_age
+from taskrunner.process import Child, block_signals, restore_signals
+from taskrunner.report import Reporter
+from taskrunner.signals import SignalWatch
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from taskrunner.backend import LockBackend
+    from taskrunner.counter import Counter
+
+UNUSABLE = 71
+BUSY = 75
+STUCK = 76
+
+
+class Job:
+    """What to run and how, as plain values (the command line fills it in)."""
+
+    def __init__(
+        self,
+        lockfile: str,
+        argv: list[str],
+        *,
+        shell: bool,
+        name: str,
+        threshold: int = 0,
+        counter_file: str | None = None,
+        cumulative: bool = False,
+        wait: float = 0.0,
+        timeout: float = 0.0,
+        kill_after: float = 10.0,
+    ) -> None:
+        self.lockfile = lockfile
+        self.argv = argv
+        """``[CMD]`` for a shell command, else the program and its arguments."""
+        self.shell = shell
+        self.name = name
+        self.threshold = threshold
+        self.counter_file = counter_file if threshold > 0 else None
+        self.cumulative = cumulative
+        self.wait = wait
+        self.timeout = timeout
+        self.kill_after = kill_after
+
+    @property
+    def command_text(self) -> str:
+        """The command as a person would type it."""
+        return self.argv[0] if self.shell else " ".join(_quote(a) for a in self.argv)
+
+
+def _quote(arg: str) -> str:
+    safe = "-_./=:,+@%^"
+    if arg and all(c.isalnum() or c in safe for c in arg):
+        return arg
+    return "'" + arg.replace("'", "'\\''") + "'"
+
+
+def run(job: Job, lock: LockBackend, reporter: Reporter) -> int:
+    """Run ``job`` under ``lock``; returns taskrunner's exit status."""
+    watch = SignalWatch()
+    watch.install()
+    counter = None
+    if job.counter_file:
+        from taskrunner.counter import Counter
+
+        counter = Counter(job.counter_file, watch)
+    try:
+        try:
+            _acquire(job, lock, counter, watch, reporter)
+        except LockBusy as busy:
+            return _refuse(job, lock, busy, counter, reporter)
+        return _execute(job, lock, watch, reporter)
+    except Unusable as exc:
+        reporter.error("unusable", f"{job.name}: not run: {exc.path}: {exc.reason}")
+        return UNUSABLE
+    except CannotRun as exc:
+        reporter.error("cannot-run", f"{job.name}: {exc.program}: {exc.reason}")
+        return exc.status
+    except Interrupted as exc:
+        reporter.info("interrupted", f"{job.name}: not run: signal {exc.signum} arrived first")
+        return 128 + exc.signum
+    finally:
+        try:
+            lock.close()
+        except Unusable as exc:
+            reporter.warning("release", f"{exc.path}: {exc.reason}")
+        if counter is not None:
+            counter.close()
+        watch.restore()
+
+
+def _acquire(
+    job: Job, lock: LockBackend, counter: Counter | None, watch: SignalWatch, reporter: Reporter
+) -> None:
+    holder = Holder.current(job.command_text)
+    deadline = time.monotonic() + job.wait
+
+    def attempt() -> None:
+        lock.try_acquire(holder)
+
+    if counter is not None and job.cumulative:
+        counter.check()
+    while True:
+        watch.check()
+        try:
+            if counter is not None and not job.cumulative:
+                counter.reset_around(attempt)
+            else:
+                attempt()
+            return
+        except LockBusy as busy:
+            if busy.manual or time.monotonic() >= deadline:
+                raise
+            if not lock.wait_for_change(deadline, watch):
+                raise
+        finally:
+            dead = lock.recovered
+            if dead is not None:
+                lock.recovered = None
+                reporter.warning(
+                    "stale",
+                    f"{job.name}: took over the stale lock {lock.description} of "
+                    f"{dead.describe(f'started {dead.age()} ago')}, which is gone",
+                    holder_pid=dead.pid,
+                    holder_host=dead.host,
+                )
+
+
+def _refuse(
+    job: Job, lock: LockBackend, busy: LockBusy, counter: Counter | None, reporter: Reporter
+) -> int:
+    if busy.holder is not None:
+        held = f"held by {busy.holder.describe(f'for {busy.holder.age()}')}"
+    else:
+        since = "" if busy.since is None else f" for {format_age(time.time() - busy.since)}"
+        held = f"held by hand{since} (a file taskrunner did not write)"
+    fields: dict[str, object] = {"lockfile": lock.description}
+    if busy.holder is not None:
+        fields.update(holder_pid=busy.holder.pid, holder_host=busy.holder.host)
+    if counter is None:
+        reporter.warning("busy", f"{job.name}: not run: {lock.description} is {held}", **fields)
+        return BUSY
+    count, fired = counter.increment(job.threshold)
+    if counter.garbage is not None:
+        reporter.warning(
+            "counter", f"{counter.path}: held {counter.garbage[:20]!r}, not a count; read as 0"
+        )
+    in_a_row = "" if job.cumulative else " in a row"
+    if fired:
+        reporter.error(
+            "stuck",
+            f"{job.name} looks stuck: {lock.description} is {held}; refused {count} times"
+            f"{in_a_row} (threshold {job.threshold})",
+            count=count,
+            **fields,
+        )
+        return STUCK
+    reporter.info(
+        "busy",
+        f"{job.name}: not run: {lock.description} is {held}; refused {count} times{in_a_row} "
+        f"(threshold {job.threshold})",
+        count=count,
+        **fields,
+    )
+    return BUSY
+
+
+def _execute(job: Job, lock: LockBackend, watch: SignalWatch, reporter: Reporter) -> int:
+    env = dict(os.environ)
+    env["TASKRUNNER_LOCKFILE"] = os.path.abspath(job.lockfile)
+    env["TASKRUNNER_NAME"] = job.name
+    child = Child(
+        ["sh", "-c", job.argv[0]] if job.shell else job.argv,
+        env,
+        path="/bin/sh" if job.shell else None,
+        pass_fds=lock.inheritable_fds(),
+        keep_ignored=frozenset(watch.ignored),
+    )
+    mask = block_signals()
+    try:
+        watch.check()
+        started = time.monotonic()
+        child.start()
+        reporter.debug("start", f"started {job.command_text!r} as pid {child.pid}")
+        try:
+            outcome = child.wait(job.timeout, job.kill_after, watch.pending)
+        finally:
+            child.close()
+    finally:
+        restore_signals(mask)
+    took = f"{time.monotonic() - started:.3f}s"
+    if outcome.timed_out:
+        reporter.error(
+            "timeout",
+            f"{job.name}: stopped after its time limit of {job.timeout:g}s "
+            f"(status {outcome.status})",
+            status=outcome.status,
+        )
+    elif outcome.signal is not None:
+        reporter.info("finished", f"{job.name}: killed by signal {outcome.signal} after {took}")
+    else:
+        reporter.info("finished", f"{job.name}: exited with status {outcome.status} after {took}")
+    try:
+        lock.release()
+    except Unusable as exc:
+        reporter.warning("release", f"{exc.path}: {exc.reason}")
+    return outcome.exit_status
