@@ -37,8 +37,10 @@ class LockBackend(Protocol):
         even if the runner is killed."""
         raise NotImplementedError
 
-    def release(self) -> None:
-        """Give the lock up. Call only after the command is gone."""
+    def release(self, grace: float = 0.0) -> bool:
+        """Give the lock up; call once the command is gone. False if what the command
+        started still holds it through an inherited descriptor (waiting up to ``grace``
+        seconds for them to let go): then it stays held until they are gone too."""
         raise NotImplementedError
 
     def close(self) -> None:

@@ -296,9 +296,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_format=fmt if isinstance(fmt, str) else "text",
     )
     try:
-        return run(job, FileLock(job.lockfile), reporter)
+        result = run(job, FileLock(job.lockfile), reporter)
     finally:
         reporter.close()
+    if result.terminal_signal is not None:
+        _die_of(result.terminal_signal)
+    return result.status
+
+
+def _die_of(signum: int) -> None:
+    """Die of ``signum``, as the command did (without a core dump of our own)."""
+    import resource
+    import signal
+
+    _flush()
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+    os.kill(os.getpid(), signum)
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def _ensure_std_fds() -> None:
@@ -326,9 +350,5 @@ def entrypoint() -> NoReturn:
         status = 70
     # Leave without the interpreter's teardown: by now the lock is released and every file
     # of ours is closed, and tearing down the modules costs milliseconds per run.
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
+    _flush()
     os._exit(status)

@@ -20,8 +20,16 @@ from __future__ import annotations
 import os
 import time
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import TypeVar
+
+    N = TypeVar("N", int, float)
+
 MAGIC = b"taskrunner-lock 1\n"
-_MAX_RECORD = 65536
+#: Any version of the record starts so: a file that does is taskrunner's, whatever follows.
+SIGNATURE = b"taskrunner-lock "
+_MAX_COMMAND = 4096  # characters of the command kept in the record
 
 
 def _escape(value: str) -> str:
@@ -45,6 +53,13 @@ def _read_small(path: str) -> str | None:
         with open(path, "rb") as f:
             return f.read(4096).decode("ascii", "replace")
     except OSError:
+        return None
+
+
+def _number(text: str | None, kind: type[N]) -> N | None:
+    try:
+        return kind(text) if text else None
+    except ValueError:
         return None
 
 
@@ -113,32 +128,33 @@ class Holder:
         if self.proc_start is not None:
             lines.append(f"proc_start {self.proc_start}")
         lines.append(f"started {self.started:.3f}")
-        lines.append(f"command {_escape(self.command)}")
+        command = self.command
+        if len(command) > _MAX_COMMAND:
+            command = command[: _MAX_COMMAND - 3] + "..."
+        lines.append(f"command {_escape(command)}")
         body = "\n".join(lines) + "\n"
         return MAGIC + body.encode("utf-8", "surrogateescape")
 
     @classmethod
     def decode(cls, data: bytes) -> Holder | None:
-        """The record in ``data``, or None if it is not a taskrunner record."""
-        if not data.startswith(MAGIC) or len(data) > _MAX_RECORD:
+        """The record in ``data``; None if ``data`` is not taskrunner's. A record of
+        taskrunner's that cannot be read whole (another version, cut short) still gives a
+        Holder, with what could be read."""
+        if not data.startswith(SIGNATURE):
             return None
         fields: dict[str, str] = {}
-        for line in data[len(MAGIC) :].decode("utf-8", "surrogateescape").split("\n"):
+        for line in data.decode("utf-8", "surrogateescape").split("\n")[1:]:
             key, _, value = line.partition(" ")
             if key:
                 fields[key] = _unescape(value)
-        try:
-            proc_start = fields.get("proc_start")
-            return cls(
-                pid=int(fields["pid"]),
-                host=fields.get("host", "?"),
-                started=float(fields["started"]),
-                command=fields.get("command", ""),
-                boot_id=fields.get("boot_id") or None,
-                proc_start=int(proc_start) if proc_start else None,
-            )
-        except (KeyError, ValueError):
-            return None
+        return cls(
+            pid=_number(fields.get("pid"), int) or 0,
+            host=fields.get("host", "?"),
+            started=_number(fields.get("started"), float) or 0.0,
+            command=fields.get("command", "?"),
+            boot_id=fields.get("boot_id") or None,
+            proc_start=_number(fields.get("proc_start"), int),
+        )
 
     def is_alive(self) -> bool | None:
         """Whether the recorded process still runs: None when that cannot be told from here

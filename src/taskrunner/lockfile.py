@@ -7,6 +7,12 @@ never shows an unlocked one. Whoever finds a file at the path and wins its flock
 nobody holds it: with a taskrunner record its holder died (stale: remove it and try again),
 without one an operator put it there (a manual hold). Every win is checked against the path,
 because a waiter may win the flock of a file that was already removed.
+
+A holder takes *shared* flocks, through two open files: one the runner keeps, one the command
+inherits. Everyone else asks for an exclusive flock, so either keeps them out; the lock lasts
+as long as the runner or anything of the command's that kept the descriptor. At release the
+runner converts its flock to an exclusive one: that succeeds only if nothing of the command's
+still holds the lock, and only then is the file removed.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from taskrunner.signals import SignalWatch
 _READ_LIMIT = 65537
 # Each retry means another run changed the path under us; real contention settles long before.
 _MAX_ATTEMPTS = 10000
+_ORPHAN_AGE = 60.0  # seconds after which an unflocked named record is surely abandoned
 _FRESH = 1.0  # seconds a prepared record may wait before its start time is renewed
 _TMPFILE_UNSUPPORTED = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL)
 
@@ -48,6 +55,7 @@ class FileLock:
         self._tempname: str | None = None  # set when the record has a name of its own
         self._ident: os.stat_result | None = None  # our file, while we hold the lock
         self._busy_fd: int | None = None  # the holder's file, kept to wait on
+        self._command_fd: int | None = None  # our file again, for the command to inherit
         self._anonymous = hasattr(os, "O_TMPFILE")
 
     # -- acquiring ---------------------------------------------------------------------
@@ -130,8 +138,10 @@ class FileLock:
         except FileExistsError:
             return False
         except FileNotFoundError:
-            if self._tempname is None and not os.path.isdir("/proc/self/fd"):
-                self._anonymous = False  # no /proc: fall back to a named record
+            if self._tempname is not None or not os.path.isdir("/proc/self/fd"):
+                # Our named record was swept before we flocked it, or there is no /proc to
+                # link an anonymous one from: make a named record (again).
+                self._anonymous = False
                 self._discard_record()
                 return False
             raise LockUnusable(self.path, "no such file or directory") from None
@@ -141,7 +151,18 @@ class FileLock:
         if self._tempname is not None:
             self._discard_tempname(dirfd)
             self._sweep_orphans(dirfd)
+        self._command_fd = self._open_for_command(dirfd)
         return True
+
+    def _open_for_command(self, dirfd: int) -> int:
+        """A second open file of the lock, with a shared flock of its own, for the command.
+        Nobody can remove the path while we hold it, so opening it names our file."""
+        try:
+            fd = os.open(self._name, os.O_RDONLY | OPEN_FLAGS, dir_fd=dirfd)
+        except OSError as exc:
+            raise LockUnusable(self.path, reason(exc)) from None
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return fd
 
     def _prepare(self, dirfd: int, holder: Holder) -> int:
         """A flocked, fully written record that is not yet at the path."""
@@ -162,7 +183,7 @@ class FileLock:
                     0o600,
                     dir_fd=dirfd,
                 )
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError as exc:
             if fd >= 0:
                 os.close(fd)
@@ -216,7 +237,8 @@ class FileLock:
                 continue
             try:
                 st = os.fstat(fd)
-                if check_ours(st) is None:
+                # A record is flocked right after it is made; a young one may be that new.
+                if check_ours(st) is None and time.time() - st.st_mtime > _ORPHAN_AGE:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     if still_named(dirfd, entry, st):
                         os.unlink(entry, dir_fd=dirfd)
@@ -237,17 +259,32 @@ class FileLock:
             self._drop_busy()
 
     def inheritable_fds(self) -> tuple[int, ...]:
-        return (self._fd,) if self._ident is not None and self._fd is not None else ()
+        return () if self._command_fd is None else (self._command_fd,)
 
-    def release(self) -> None:
+    def release(self, grace: float = 0.0) -> bool:
         ident, self._ident = self._ident, None
         if ident is None:
-            return
+            return True
+        if self._command_fd is not None:
+            os.close(self._command_fd)
+            self._command_fd = None
+        fd = self._fd
+        assert fd is not None
         try:
-            # Remove the path only while it is still ours, and while we still hold the flock:
+            try:
+                # Atomic in Linux: ours becomes exclusive, or fails while another holds it.
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                # What the command started still holds it: processes that are dying with it,
+                # or ones that live on. Give the first kind a moment; leave it to the second.
+                deadline = time.monotonic() + grace
+                if not SignalWatch(()).call_until(lambda: fcntl.flock(fd, fcntl.LOCK_EX), deadline):
+                    return False
+            # Remove the path only while it is still ours, and while we hold the flock:
             # unlocking first would let a waiter win a file that a newcomer is replacing.
             if self._dirfd is not None and still_named(self._dirfd, self._name, ident):
                 os.unlink(self._name, dir_fd=self._dirfd)
+            return True
         except OSError as exc:
             raise LockUnusable(self.path, f"cannot remove lock file: {reason(exc)}") from None
         finally:

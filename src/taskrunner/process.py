@@ -1,12 +1,13 @@
 """Start the command, watch it, pass signals on, stop it at its time limit.
 
-The command runs in its own process group, so a signal or a time limit reaches everything it
-started. The runner waits with the signals it cares about blocked and taken by
-``sigtimedwait``: no handler runs at an awkward moment and no signal is lost between checks.
-Run from a terminal, the command's group is made the terminal's foreground group (as a
-shell does for a job), so it can read the terminal and Ctrl-C / Ctrl-Z reach it; when
-Ctrl-Z stops it, the runner stops too, so the shell sees the job stopped, and ``fg`` resumes
-both.
+Without a controlling terminal (cron, systemd, CI) the command runs in a process group of its
+own, so a signal or the time limit reaches everything it started. With a terminal, it stays
+in the caller's job, as ``timeout --foreground`` does: it can read the terminal, and Ctrl-C,
+Ctrl-Z, ``fg``, ``bg`` and pipelines act on it exactly as if it had been started directly;
+signals and the time limit then go to the command's own process.
+
+The runner waits with the signals it cares about blocked and taken by ``sigtimedwait``: no
+handler runs at an awkward moment, and no signal is lost between two checks.
 """
 
 from __future__ import annotations
@@ -19,33 +20,28 @@ from taskrunner.errors import CannotRun
 from taskrunner.signals import signal
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
-_WAITED = {signal.SIGCHLD, signal.SIGTTOU, *FORWARDED}
 # Signals whose disposition Python or taskrunner changed; the command gets their defaults.
 _RESET = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGHUP,
-    signal.SIGQUIT,
-    signal.SIGALRM,
-    signal.SIGCHLD,
-    signal.SIGPIPE,
-    signal.SIGXFSZ,
-    signal.SIGTTOU,
-    signal.SIGTTIN,
-    signal.SIGTSTP,
-)
+    signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGALRM,
+    signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ,
+)  # fmt: skip
+_SI_KERNEL = 0x80  # si_code of a signal the kernel sent, e.g. the terminal's Ctrl-C
+_POLL = 0.02  # how often to look for processes left in the group after a time limit
+_LAST_WORDS = 2.0  # how long KILLed processes get to disappear
 TIMED_OUT = 124
 
 
 class Outcome:
     """How the command ended."""
 
-    __slots__ = ("signal", "status", "timed_out")
+    __slots__ = ("from_terminal", "signal", "status", "timed_out")
 
-    def __init__(self, status: int, signal: int | None, timed_out: bool) -> None:
+    def __init__(self, status: int, signal: int | None, timed_out: bool, from_terminal: bool):
         self.status = status
         self.signal = signal
         self.timed_out = timed_out
+        #: The signal that killed it came from the terminal (Ctrl-C, Ctrl-\).
+        self.from_terminal = from_terminal
 
     @property
     def exit_status(self) -> int:
@@ -54,19 +50,13 @@ class Outcome:
         return TIMED_OUT if self.timed_out else self.status
 
 
-def _controlling_terminal() -> int | None:
-    """A descriptor for our terminal if we are its foreground job, else None."""
+def has_terminal() -> bool:
+    """Whether this process has a controlling terminal."""
     try:
-        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        os.close(os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC))
     except OSError:
-        return None
-    try:
-        if os.tcgetpgrp(fd) == os.getpgrp():
-            return fd
-    except OSError:
-        pass
-    os.close(fd)
-    return None
+        return False
+    return True
 
 
 class Child:
@@ -79,159 +69,161 @@ class Child:
         *,
         path: str | None = None,
         pass_fds: tuple[int, ...] = (),
-        keep_ignored: frozenset[int] = frozenset(),
+        ignored: frozenset[int] = frozenset(),
     ) -> None:
-        """Run ``argv``; the program is ``path`` if given, else ``argv[0]`` looked up in PATH
-        as a shell would."""
+        """Run ``argv``: the program is ``path`` if given, else ``argv[0]`` looked up in PATH
+        as a shell would. ``ignored`` are the signals this process was started with ignored:
+        the command inherits that, and the runner does not pass them on."""
         self.argv = argv
         self._path = path
         self._env = env
         self._pass_fds = pass_fds
-        self._keep_ignored = keep_ignored
+        self._ignored = ignored
+        self._waited = {signal.SIGCHLD, *(s for s in FORWARDED if s not in ignored)}
         self.pid = 0
-        self._tty: int | None = None
+        self.own_group = True
+        self._saved_mask: set[int] | None = None
 
     def start(self) -> None:
-        """Start the command; the caller has blocked :data:`_WAITED` already (see
-        :func:`block_signals`). Raises :class:`CannotRun`."""
-        self._tty = _controlling_terminal()
-        spawn = os.posix_spawnp if self._path is None else os.posix_spawn
+        """Start the command. Raises :class:`CannotRun`."""
+        self.own_group = not has_terminal()
+        # An inherited SIG_IGN for SIGCHLD would reap the command before we could.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # Blocked before the command exists, so not even an immediate exit is missed.
+        self._saved_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self._waited)
+        program = self._path or self.argv[0]
+        defaults: list[int] = [s for s in _RESET if s not in self._ignored]
         for fd in self._pass_fds:
             os.set_inheritable(fd, True)
         try:
-            self.pid = spawn(
-                self._path or self.argv[0],
-                self.argv,
-                self._env,
-                setpgroup=0,
-                setsigmask=(),
-                setsigdef=[s for s in _RESET if s not in self._keep_ignored],
-            )
+            if self.own_group:
+                spawn = os.posix_spawnp if self._path is None else os.posix_spawn
+                self.pid = spawn(program, self.argv, self._env, setpgroup=0, setsigmask=(),
+                                 setsigdef=defaults)  # fmt: skip
+            else:
+                self.pid = self._fork_exec(program, defaults)
         except OSError as exc:
-            self._close_tty()
+            self._restore_mask()
             not_found = exc.errno in (errno.ENOENT, errno.ENOTDIR)
             why = "command not found" if not_found else os.strerror(exc.errno or 0).lower()
             raise CannotRun(self.argv[0], why, 127 if not_found else 126) from None
         finally:
             for fd in self._pass_fds:
                 os.set_inheritable(fd, False)
-        self._give_terminal()
+
+    def _fork_exec(self, program: str, defaults: list[int]) -> int:
+        """fork and exec, for a command in the terminal's job. posix_spawn's vfork would
+        leave us unable to stop while the new process waits to exec: a Ctrl-Z at that
+        moment would stop the command but not us, and the shell would wait forever."""
+        report, errors = os.pipe()  # close-on-exec: an exec that works closes it
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child)
+            try:
+                os.close(report)
+                for sig in defaults:
+                    signal.signal(sig, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_SETMASK, ())
+                if self._path is None:
+                    os.execvpe(program, self.argv, self._env)
+                os.execve(program, self.argv, self._env)
+            except OSError as exc:
+                os.write(errors, b"%d" % (exc.errno or 0))
+            finally:
+                os._exit(127)
+        os.close(errors)
+        with open(report, "rb") as f:
+            failed = f.read()
+        if failed:
+            os.waitpid(pid, 0)
+            raise OSError(int(failed), os.strerror(int(failed)))
+        return pid
 
     def wait(self, timeout: float, kill_after: float, early: list[int]) -> Outcome:
-        """Wait for the command to end; pass on the termination signals the runner gets;
-        at ``timeout`` seconds (0: never) send TERM, then KILL ``kill_after`` later.
-        ``early`` holds signals that reached a handler just before they were blocked: they
-        are passed on first."""
-        now = time.monotonic()
-        deadline = now + timeout if timeout > 0 else None
-        timed_out = False
-        while early:
-            self.signal_group(early.pop(0))
-        while True:
-            wait_for = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if wait_for is None:
-                info = signal.sigwaitinfo(_WAITED)
-                signo: int | None = info.si_signo
-            else:
-                got = signal.sigtimedwait(_WAITED, wait_for)
-                signo = got.si_signo if got is not None else None
-            if signo is None:  # the time limit, or the grace after it
-                if not timed_out:
-                    timed_out = True
-                    if kill_after > 0:
-                        self.signal_group(signal.SIGTERM)
-                        deadline = time.monotonic() + kill_after
-                        continue
-                self.signal_group(signal.SIGKILL)
-                deadline = None
-            elif signo in FORWARDED:
-                self.signal_group(signo)
-            elif signo == signal.SIGCHLD:
-                outcome = self._reap(timed_out)
-                if outcome is not None:
-                    return outcome
-
-    def signal_group(self, signo: int) -> None:
+        """Wait for the command to end, passing on the termination signals the runner gets;
+        at ``timeout`` seconds (0: never) send TERM, then KILL ``kill_after`` later (0: KILL
+        at once). ``early`` holds signals that reached a handler just before they were
+        blocked: they are passed on first."""
         try:
+            return self._wait(timeout, kill_after, early)
+        finally:
+            self._restore_mask()
+
+    def _wait(self, timeout: float, kill_after: float, early: list[int]) -> Outcome:
+        deadline = time.monotonic() + timeout if timeout > 0 else None
+        timed_out = terminal = False
+        while early:
+            self.send(early.pop(0))
+        while True:
+            if deadline is None:
+                info: signal.struct_siginfo | None = signal.sigwaitinfo(self._waited)
+            else:
+                info = signal.sigtimedwait(self._waited, max(0.0, deadline - time.monotonic()))
+            if info is None:  # the time limit, or the grace after it
+                deadline = self._time_up(timed_out, kill_after)
+                timed_out = True
+            elif info.si_signo != signal.SIGCHLD:
+                if self.own_group or info.si_code != _SI_KERNEL:
+                    self.send(info.si_signo)
+                else:
+                    terminal = True  # the terminal signalled the whole job, the command too
+            else:
+                status = self._reap()
+                if status is None:
+                    continue
+                if timed_out and self.own_group:
+                    self._finish_group(deadline)
+                if os.WIFSIGNALED(status):
+                    sig = os.WTERMSIG(status)
+                    return Outcome(128 + sig, sig, timed_out, terminal)
+                return Outcome(os.WEXITSTATUS(status), None, timed_out, False)
+
+    def _time_up(self, timed_out: bool, kill_after: float) -> float | None:
+        """Act on the time limit (TERM, or KILL at once) or on the end of the grace after
+        it (KILL); the next deadline."""
+        if not timed_out and kill_after > 0:
+            self.send(signal.SIGTERM)
+            return time.monotonic() + kill_after
+        self.send(signal.SIGKILL)
+        return None
+
+    def _finish_group(self, kill_at: float | None) -> None:
+        """After a time limit: the command has ended, but what it started may still run.
+        Wait for the rest of its group until the KILL is due, then KILL it."""
+        end = (time.monotonic() if kill_at is None else kill_at) + _LAST_WORDS
+        killed = kill_at is None
+        while self._group_alive() and time.monotonic() < end:
+            if not killed and time.monotonic() >= (kill_at or 0.0):
+                self.send(signal.SIGKILL)
+                killed = True
+            time.sleep(_POLL)
+
+    def _group_alive(self) -> bool:
+        try:
+            os.killpg(self.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def send(self, signo: int) -> None:
+        """Signal the command: its whole group when it has one, else its process."""
+        try:
+            if not self.own_group:
+                os.kill(self.pid, signo)
+                return
             os.killpg(self.pid, signo)
             if signo != signal.SIGKILL:
-                os.killpg(self.pid, signal.SIGCONT)  # a stopped group acts on it only then
+                os.killpg(self.pid, signal.SIGCONT)  # a stopped process acts on it only then
         except (ProcessLookupError, PermissionError):
             pass
 
-    def _reap(self, timed_out: bool) -> Outcome | None:
-        flags = os.WNOHANG | (os.WUNTRACED if self._tty is not None else 0)
+    def _reap(self) -> int | None:
         try:
-            pid, status = os.waitpid(self.pid, flags)
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
-            return Outcome(255, None, timed_out)
-        if pid == 0:
-            return None
-        if os.WIFSTOPPED(status):
-            self._stopped(os.WSTOPSIG(status))
-            return None
-        self._take_terminal_back()
-        if os.WIFSIGNALED(status):
-            sig = os.WTERMSIG(status)
-            return Outcome(128 + sig, sig, timed_out)
-        return Outcome(os.WEXITSTATUS(status), None, timed_out)
+            return 255 << 8
+        return status if pid else None
 
-    def _stopped(self, sig: int) -> None:
-        """The command stopped while we run it from a terminal."""
-        tty = self._tty
-        assert tty is not None
-        if sig in (signal.SIGTTIN, signal.SIGTTOU) and self._owns_terminal():
-            # It reached the terminal before we handed it over: let it go on.
-            self.signal_group(signal.SIGCONT)
-            return
-        # Ctrl-Z (or a stop): stop with it, as the job the shell knows is us.
-        self._take_terminal_back()
-        os.killpg(os.getpgrp(), signal.SIGSTOP)
-        # Resumed. In the foreground (fg) the command gets the terminal again; in the
-        # background (bg) it runs on without it.
-        self._give_terminal()
-        self.signal_group(signal.SIGCONT)
-
-    def _owns_terminal(self) -> bool:
-        try:
-            return self._tty is not None and os.tcgetpgrp(self._tty) == self.pid
-        except OSError:
-            return False
-
-    def _give_terminal(self) -> None:
-        if self._tty is None:
-            return
-        try:
-            if os.tcgetpgrp(self._tty) == os.getpgrp():
-                os.tcsetpgrp(self._tty, self.pid)
-        except OSError:
-            pass
-
-    def _take_terminal_back(self) -> None:
-        if self._tty is None:
-            return
-        try:
-            if os.tcgetpgrp(self._tty) == self.pid:
-                os.tcsetpgrp(self._tty, os.getpgrp())
-        except OSError:
-            pass
-
-    def _close_tty(self) -> None:
-        if self._tty is not None:
-            os.close(self._tty)
-            self._tty = None
-
-    def close(self) -> None:
-        self._take_terminal_back()
-        self._close_tty()
-
-
-def block_signals() -> set[int]:
-    """Block the signals :meth:`Child.wait` takes; returns the previous mask. Call before
-    :meth:`Child.start`, so that not even an immediate exit is missed."""
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # an inherited SIG_IGN would reap for us
-    return signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED)
-
-
-def restore_signals(mask: set[int]) -> None:
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    def _restore_mask(self) -> None:
+        if self._saved_mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._saved_mask)
+            self._saved_mask = None

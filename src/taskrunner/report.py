@@ -22,6 +22,8 @@ _NAMES = {DEBUG: "debug", INFO: "info", WARNING: "warning", ERROR: "error"}
 _SYSLOG_SEVERITY = {DEBUG: 7, INFO: 6, WARNING: 4, ERROR: 3}
 _FACILITY_USER = 8
 _SYSLOG_SOCKETS = ("/dev/log", "/var/run/syslog", "/var/run/log")
+#: Names the syslog socket where it is not in a usual place (a container, a test).
+SYSLOG_SOCKET_ENV = "TASKRUNNER_SYSLOG_SOCKET"
 
 
 class Reporter:
@@ -118,7 +120,8 @@ class Reporter:
     def _open_syslog(self) -> None:
         import socket
 
-        for path in _SYSLOG_SOCKETS:
+        chosen = os.environ.get(SYSLOG_SOCKET_ENV)
+        for path in (chosen,) if chosen else _SYSLOG_SOCKETS:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             try:
                 sock.connect(path)
@@ -127,7 +130,8 @@ class Reporter:
                 continue
             self._syslog = sock
             return
-        self.warning("log", "cannot reach syslog: no socket at " + ", ".join(_SYSLOG_SOCKETS))
+        where = chosen or ", ".join(_SYSLOG_SOCKETS)
+        self.warning("log", f"cannot reach syslog: no socket at {where}")
 
     def _send_syslog(self, level: int, body: str) -> None:
         pri = _FACILITY_USER | _SYSLOG_SEVERITY[level]

@@ -11,15 +11,18 @@ import time
 
 from taskrunner.errors import CannotRun, Interrupted, LockBusy, Unusable
 from taskrunner.holder import Holder, format_age
-from taskrunner.process import Child, block_signals, restore_signals
+from taskrunner.process import Child
 from taskrunner.report import Reporter
-from taskrunner.signals import SignalWatch
+from taskrunner.signals import SignalWatch, signal
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from taskrunner.backend import LockBackend
     from taskrunner.counter import Counter
 
+# How long processes the command started get to let go of the lock after it ends: enough for
+# those dying with it (a signal to its group reaches them a moment after it), not more.
+_GRACE = 1.0
 UNUSABLE = 71
 BUSY = 75
 STUCK = 76
@@ -67,8 +70,22 @@ def _quote(arg: str) -> str:
     return "'" + arg.replace("'", "'\\''") + "'"
 
 
-def run(job: Job, lock: LockBackend, reporter: Reporter) -> int:
-    """Run ``job`` under ``lock``; returns taskrunner's exit status."""
+class Result:
+    """What a run came to."""
+
+    __slots__ = ("status", "terminal_signal")
+
+    def __init__(self, status: int, terminal_signal: int | None = None) -> None:
+        #: taskrunner's exit status.
+        self.status = status
+        #: The terminal's Ctrl-C (SIGINT) or Ctrl-\\ (SIGQUIT) that ended the command, if one
+        #: did: a command-line caller should then die of it too, so that a calling shell
+        #: script stops as it would had it run the command itself.
+        self.terminal_signal = terminal_signal
+
+
+def run(job: Job, lock: LockBackend, reporter: Reporter) -> Result:
+    """Run ``job`` under ``lock``."""
     watch = SignalWatch()
     watch.install()
     counter = None
@@ -80,17 +97,17 @@ def run(job: Job, lock: LockBackend, reporter: Reporter) -> int:
         try:
             _acquire(job, lock, counter, watch, reporter)
         except LockBusy as busy:
-            return _refuse(job, lock, busy, counter, reporter)
+            return Result(_refuse(job, lock, busy, counter, reporter))
         return _execute(job, lock, watch, reporter)
     except Unusable as exc:
         reporter.error("unusable", f"{job.name}: not run: {exc.path}: {exc.reason}")
-        return UNUSABLE
+        return Result(UNUSABLE)
     except CannotRun as exc:
         reporter.error("cannot-run", f"{job.name}: {exc.program}: {exc.reason}")
-        return exc.status
+        return Result(exc.status)
     except Interrupted as exc:
         reporter.info("interrupted", f"{job.name}: not run: signal {exc.signum} arrived first")
-        return 128 + exc.signum
+        return Result(128 + exc.signum)
     finally:
         try:
             lock.close()
@@ -131,7 +148,7 @@ def _acquire(
                 lock.recovered = None
                 reporter.warning(
                     "stale",
-                    f"{job.name}: took over the stale lock {lock.description} of "
+                    f"{job.name}: removed the stale lock {lock.description} of "
                     f"{dead.describe(f'started {dead.age()} ago')}, which is gone",
                     holder_pid=dead.pid,
                     holder_host=dead.host,
@@ -177,7 +194,7 @@ def _refuse(
     return BUSY
 
 
-def _execute(job: Job, lock: LockBackend, watch: SignalWatch, reporter: Reporter) -> int:
+def _execute(job: Job, lock: LockBackend, watch: SignalWatch, reporter: Reporter) -> Result:
     env = dict(os.environ)
     env["TASKRUNNER_LOCKFILE"] = os.path.abspath(job.lockfile)
     env["TASKRUNNER_NAME"] = job.name
@@ -186,20 +203,13 @@ def _execute(job: Job, lock: LockBackend, watch: SignalWatch, reporter: Reporter
         env,
         path="/bin/sh" if job.shell else None,
         pass_fds=lock.inheritable_fds(),
-        keep_ignored=frozenset(watch.ignored),
+        ignored=frozenset(watch.ignored),
     )
-    mask = block_signals()
-    try:
-        watch.check()
-        started = time.monotonic()
-        child.start()
-        reporter.debug("start", f"started {job.command_text!r} as pid {child.pid}")
-        try:
-            outcome = child.wait(job.timeout, job.kill_after, watch.pending)
-        finally:
-            child.close()
-    finally:
-        restore_signals(mask)
+    watch.check()
+    started = time.monotonic()
+    child.start()
+    reporter.debug("start", f"started {job.command_text!r} as pid {child.pid}")
+    outcome = child.wait(job.timeout, job.kill_after, watch.pending)
     took = f"{time.monotonic() - started:.3f}s"
     if outcome.timed_out:
         reporter.error(
@@ -213,7 +223,13 @@ def _execute(job: Job, lock: LockBackend, watch: SignalWatch, reporter: Reporter
     else:
         reporter.info("finished", f"{job.name}: exited with status {outcome.status} after {took}")
     try:
-        lock.release()
+        if not lock.release(_GRACE):
+            reporter.warning(
+                "left-holding",
+                f"{job.name}: the command ended but processes it started still hold "
+                f"{lock.description}; it stays held until they end",
+            )
     except Unusable as exc:
         reporter.warning("release", f"{exc.path}: {exc.reason}")
-    return outcome.exit_status
+    interrupted = outcome.from_terminal and outcome.signal in (signal.SIGINT, signal.SIGQUIT)
+    return Result(outcome.exit_status, outcome.signal if interrupted else None)
