@@ -1,0 +1,139 @@
+"""Shared fixtures and helpers: every test about locks runs real taskrunner processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+_BIN = Path(sys.executable).parent / "taskrunner"
+#: The installed command; ``python -m taskrunner`` where no script was installed.
+TASKRUNNER = [str(_BIN)] if _BIN.exists() else [sys.executable, "-m", "taskrunner"]
+#: A guard against hangs, not a speed claim: every run here takes well under a second.
+HANG = 60
+
+
+def run(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    """Run taskrunner to completion, capturing its output. Like cron, in a session of its
+    own, without a controlling terminal."""
+    kw.setdefault("start_new_session", True)
+    return subprocess.run(  # type: ignore[call-overload, no-any-return]
+        [*TASKRUNNER, *args], capture_output=True, text=True, timeout=HANG, **kw
+    )
+
+
+def start(*args: str, **kw: object) -> subprocess.Popen[str]:
+    """Start taskrunner in the background (in a session of its own, as :func:`run`). Its
+    output goes to files, not pipes, so that a command that outlives a killed runner does not
+    keep the test waiting for the end of a pipe; :func:`finish` reads them."""
+    kw.setdefault("start_new_session", True)
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    proc = subprocess.Popen([*TASKRUNNER, *args], stdout=out, stderr=err, **kw)  # type: ignore[call-overload]
+    proc.outputs = (out, err)
+    return proc  # type: ignore[no-any-return]
+
+
+def wait_for(predicate: Callable[[], object], what: str, timeout: float = 20.0) -> None:
+    """Poll ``predicate`` until it holds; fail naming ``what`` if it never does."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
+    """Wait for a taskrunner from :func:`start`; its status, stdout and stderr."""
+    status = proc.wait(timeout=HANG)
+    texts = []
+    for f in proc.outputs:  # type: ignore[attr-defined]
+        f.seek(0)
+        texts.append(f.read().decode("utf-8", "replace"))
+    return status, texts[0], texts[1]
+
+
+def probe(log: Path, go: Path | None = None, tag: str = "$$") -> str:
+    """A shell command that appends ``start TAG`` and ``end TAG`` to ``log`` (O_APPEND:
+    each line lands whole), waiting between the two until ``go`` exists."""
+    hold = f'while [ ! -e "{go}" ]; do sleep 0.01; done; ' if go is not None else ""
+    return f'echo "start {tag}" >> "{log}"; {hold}echo "end {tag}" >> "{log}"'
+
+
+def overlaps(log: Path) -> list[str]:
+    """Where runs recorded by :func:`probe` overlapped: a start inside another run."""
+    problems, running = [], None
+    for line in log.read_text().splitlines() if log.exists() else []:
+        what, _, tag = line.partition(" ")
+        if what == "start":
+            if running is not None:
+                problems.append(f"{tag} started while {running} ran")
+            running = tag
+        elif what == "end":
+            if running != tag:
+                problems.append(f"{tag} ended while {running} ran")
+            running = None
+    return problems
+
+
+def starts(log: Path) -> int:
+    return sum(1 for line in log.read_text().splitlines() if line.startswith("start "))
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of ``pid``."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def blocked_in_flock(pid: int) -> bool:
+    """Whether ``pid`` is waiting for a flock."""
+    try:
+        return Path(f"/proc/{pid}/wchan").read_text() == "locks_lock_inode_wait"
+    except OSError:
+        return False
+
+
+def kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture
+def lockdir(tmp_path: Path) -> Path:
+    """An empty directory for lock files, separate from logs and markers."""
+    d = tmp_path / "locks"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def procs() -> object:
+    """Processes a test started; any still running at the end are killed."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for p in started:
+        for command in children(p.pid):
+            kill_group(command)  # without a terminal, the command leads a group of its own
+        if p.poll() is None:
+            p.kill()
+            p.wait()

@@ -1,0 +1,331 @@
+"""The lock file: exists exactly while a run holds it, records its holder, survives crashes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from taskrunner.holder import Holder, boot_id, process_start
+
+from conftest import (
+    HANG,
+    alive,
+    children,
+    finish,
+    kill_group,
+    overlaps,
+    probe,
+    run,
+    start,
+    starts,
+    wait_for,
+)
+
+
+def holder_of(lock: Path) -> Holder:
+    rec = Holder.decode(lock.read_bytes())
+    assert rec is not None, lock.read_bytes()
+    return rec
+
+
+def test_lock_exists_with_the_holder_record_while_the_command_runs(lockdir: Path, tmp_path: Path):
+    lock = lockdir / "job.lock"
+    seen = tmp_path / "seen"
+    proc = start(
+        "-l",
+        str(lock),
+        "-c",
+        f'cat "$TASKRUNNER_LOCKFILE" > {seen}; stat -c %a "$TASKRUNNER_LOCKFILE" >> {seen}.mode',
+    )
+    status, _, err = finish(proc)
+    assert (status, err) == (0, "")
+    record = Holder.decode(seen.read_bytes())
+    assert record is not None
+    assert record.pid == proc.pid
+    assert record.host == socket.gethostname()
+    assert record.boot_id == boot_id()
+    assert record.proc_start is not None
+    assert "cat" in record.command
+    assert Path(f"{seen}.mode").read_text().strip() == "600"
+    assert not lock.exists()
+    assert list(lockdir.iterdir()) == []
+
+
+def test_record_names_a_live_process(lockdir: Path, tmp_path: Path, procs):
+    lock, go = lockdir / "job.lock", tmp_path / "go"
+    proc = start("-l", str(lock), "--", "sh", "-c", f"while [ ! -e {go} ]; do sleep 0.01; done")
+    procs.append(proc)
+    wait_for(lock.exists, "the lock")
+    record = holder_of(lock)
+    assert record.pid == proc.pid
+    assert record.proc_start == process_start(proc.pid)
+    assert record.is_alive() is True
+    assert record.command == f"sh -c 'while [ ! -e {go} ]; do sleep 0.01; done'"
+    go.touch()
+    assert finish(proc)[0] == 0
+    assert not lock.exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "status"),
+    [("exit 0", 0), ("exit 3", 3), ("kill -TERM $$", 143), ("kill -KILL $$", 137)],
+)
+def test_lock_is_removed_however_the_command_ends(lockdir: Path, command: str, status: int):
+    lock = lockdir / "job.lock"
+    result = run("-l", str(lock), "-c", command)
+    assert result.returncode == status
+    assert list(lockdir.iterdir()) == []
+
+
+def test_lock_is_removed_after_a_time_limit(lockdir: Path):
+    lock = lockdir / "job.lock"
+    assert run("-l", str(lock), "--timeout", "0.2", "--", "sleep", "30").returncode == 124
+    assert list(lockdir.iterdir()) == []
+
+
+def test_manual_hold_refuses_and_is_left_alone(lockdir: Path, tmp_path: Path):
+    lock, ran, counter = lockdir / "job.lock", tmp_path / "ran", tmp_path / "count"
+    lock.write_text("paused by ops for maintenance\n")
+    os.chmod(lock, 0o644)
+    before = lock.stat()
+    quiet = run("-l", str(lock), "-t", "5", "-f", str(counter), "-c", f"touch {ran}")
+    assert (quiet.returncode, quiet.stderr) == (75, "")
+    loud = run("-l", str(lock), "-c", f"touch {ran}")
+    assert loud.returncode == 75
+    assert "held by hand" in loud.stderr
+    assert not ran.exists()
+    assert counter.read_text() == "1\n"
+    assert lock.read_text() == "paused by ops for maintenance\n"
+    after = lock.stat()
+    assert (after.st_ino, after.st_mtime_ns, after.st_mode) == (
+        before.st_ino,
+        before.st_mtime_ns,
+        before.st_mode,
+    )
+    lock.unlink()
+    assert run("-l", str(lock), "-c", f"touch {ran}").returncode == 0
+    assert ran.exists()
+
+
+def test_empty_file_is_a_manual_hold_and_wait_does_not_wait_for_it(lockdir: Path):
+    lock = lockdir / "job.lock"
+    lock.touch()
+    result = run("-l", str(lock), "--wait", "1h", "-c", "true")
+    assert result.returncode == 75
+    assert lock.exists()
+
+
+def test_stale_lock_of_a_killed_holder_and_command_is_taken_over(
+    lockdir: Path, tmp_path: Path, procs
+):
+    lock, ran = lockdir / "job.lock", tmp_path / "ran"
+    proc = start("-l", str(lock), "--", "sleep", "60")
+    procs.append(proc)
+    wait_for(lambda: children(proc.pid), "the command")
+    (command,) = children(proc.pid)
+    proc.kill()
+    kill_group(command)
+    proc.wait()
+    wait_for(lambda: not alive(command), "the command to die")
+    assert lock.exists(), "kill -9 leaves the lock file behind"
+    result = run("-l", str(lock), "-c", f"touch {ran}")
+    assert result.returncode == 0
+    assert ran.exists()
+    (warning,) = result.stderr.splitlines()
+    assert warning.startswith("taskrunner: warning: ")
+    assert f"stale lock {lock}" in warning
+    assert f"pid {proc.pid} on {socket.gethostname()}" in warning
+    assert "sleep 60" in warning
+    assert list(lockdir.iterdir()) == []
+
+
+def test_killing_the_runner_alone_keeps_the_lock_until_its_command_ends(
+    lockdir: Path, tmp_path: Path, procs
+):
+    lock, log, go = lockdir / "job.lock", tmp_path / "log", tmp_path / "go"
+    proc = start("-l", str(lock), "-c", probe(log, go, "first"))
+    procs.append(proc)
+    wait_for(log.exists, "the first command")
+    (command,) = children(proc.pid)
+    proc.kill()
+    proc.wait()
+    # The runner is gone; its command still runs and must still hold the lock.
+    refused = run("-l", str(lock), "-c", probe(log, None, "second"))
+    assert refused.returncode == 75
+    waiter = start("-l", str(lock), "--wait", "30", "-c", probe(log, None, "third"))
+    procs.append(waiter)
+    go.touch()
+    wait_for(lambda: not alive(command), "the first command to end")
+    status, _, err = finish(waiter)
+    assert status == 0
+    assert "removed the stale lock" in err
+    assert overlaps(log) == []
+    assert log.read_text().split() == [
+        "start",
+        "first",
+        "end",
+        "first",
+        "start",
+        "third",
+        "end",
+        "third",
+    ]
+    assert list(lockdir.iterdir()) == []
+
+
+def test_many_runs_finding_one_stale_lock_take_it_over_once(lockdir: Path, tmp_path: Path, procs):
+    lock, log, go = lockdir / "job.lock", tmp_path / "log", tmp_path / "go"
+    proc = start("-l", str(lock), "--", "sleep", "60")
+    procs.append(proc)
+    wait_for(lambda: children(proc.pid), "the command")
+    (command,) = children(proc.pid)
+    proc.kill()
+    kill_group(command)
+    proc.wait()
+    wait_for(lambda: not alive(command), "the command to die")
+    contenders = [start("-l", str(lock), "-c", probe(log, go)) for _ in range(30)]
+    procs.extend(contenders)
+    wait_for(lambda: sum(p.poll() is not None for p in contenders) == 29, "29 refusals")
+    go.touch()
+    results = [finish(p) for p in contenders]
+    assert sorted(r[0] for r in results) == [0] + [75] * 29
+    warnings = [line for r in results for line in r[2].splitlines() if "stale lock" in line]
+    assert len(warnings) == 1, warnings
+    assert starts(log) == 1
+    assert overlaps(log) == []
+    assert list(lockdir.iterdir()) == []
+
+
+def test_lock_path_in_a_missing_directory_is_unusable(tmp_path: Path):
+    result = run("-l", str(tmp_path / "nope" / "job.lock"), "-c", "true")
+    assert result.returncode == 71
+    assert result.stderr.count("\n") == 1
+    assert "no such file or directory" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["directory", "symlink", "dangling symlink", "fifo", "socket"])
+def test_something_else_at_the_lock_path_is_refused(lockdir: Path, tmp_path: Path, kind: str):
+    lock, ran, target = lockdir / "job.lock", tmp_path / "ran", tmp_path / "target"
+    target.write_text("precious\n")
+    if kind == "directory":
+        lock.mkdir()
+    elif kind == "symlink":
+        lock.symlink_to(target)
+    elif kind == "dangling symlink":
+        lock.symlink_to(tmp_path / "missing")
+    elif kind == "fifo":
+        os.mkfifo(lock)
+    else:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(lock))
+        sock.close()
+    result = run("-l", str(lock), "-c", f"touch {ran}")
+    assert result.returncode == 71
+    assert not ran.exists()
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("taskrunner: error: ")
+    assert target.read_text() == "precious\n"
+    assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to plant another user's file")
+def test_another_users_file_at_the_lock_path_is_refused(lockdir: Path, tmp_path: Path):
+    lock, ran = lockdir / "job.lock", tmp_path / "ran"
+    lock.write_text("")
+    os.chown(lock, 65534, 65534)
+    result = run("-l", str(lock), "-c", f"touch {ran}")
+    assert result.returncode == 71
+    assert "belongs to uid 65534" in result.stderr
+    assert not ran.exists()
+
+
+HOLD_SCRIPT = """
+import sys, time
+from taskrunner.lockfile import FileLock
+from taskrunner.holder import Holder
+from taskrunner.errors import LockBusy
+lock = FileLock(sys.argv[1])
+lock._anonymous = False  # as on a file system without O_TMPFILE
+try:
+    lock.try_acquire(Holder.current("named-record test"))
+except LockBusy:
+    print("busy", flush=True)
+    sys.exit(75)
+print("held", flush=True)
+sys.stdin.readline()
+lock.close()
+"""
+
+
+def test_named_records_where_anonymous_files_are_unavailable(lockdir: Path):
+    lock = lockdir / "job.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_SCRIPT, str(lock)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdin is not None
+    assert holder.stdout.readline() == "held\n"
+    assert lock.stat().st_nlink == 1
+    assert [p.name for p in lockdir.iterdir()] == ["job.lock"]
+    other = subprocess.run(
+        [sys.executable, "-c", HOLD_SCRIPT, str(lock)],
+        capture_output=True,
+        text=True,
+        timeout=HANG,
+        stdin=subprocess.DEVNULL,
+    )
+    assert (other.returncode, other.stdout) == (75, "busy\n")
+    holder.stdin.write("\n")
+    holder.stdin.close()
+    assert holder.wait(timeout=HANG) == 0
+    assert list(lockdir.iterdir()) == []
+
+
+def test_named_record_left_by_a_crash_is_swept(lockdir: Path):
+    lock = lockdir / "job.lock"
+    orphan = lockdir / ".job.lock.99999.deadbeef.tmp"
+    orphan.write_bytes(Holder.current("crashed").encode())
+    young = lockdir / ".job.lock.99998.cafe.tmp"  # may be another run's, just made
+    young.write_bytes(b"")
+    os.utime(orphan, (time.time() - 120, time.time() - 120))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_SCRIPT, str(lock)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdin is not None
+    assert holder.stdout.readline() == "held\n"
+    assert not orphan.exists()
+    assert young.exists()
+    holder.stdin.close()
+    assert holder.wait(timeout=HANG) == 0
+
+
+def test_runner_holds_the_flock_the_command_inherits(lockdir: Path, tmp_path: Path):
+    """The command's own descriptor keeps the lock: the lock lives as long as the command."""
+    lock, out = lockdir / "job.lock", tmp_path / "fds"
+    cmd = f"ls -l /proc/$$/fd > {out}"
+    assert run("-l", str(lock), "-c", cmd).returncode == 0
+    assert str(lock) in out.read_text()
+
+
+def test_stat_of_a_held_lock_is_a_regular_file(lockdir: Path, tmp_path: Path, procs):
+    lock, go = lockdir / "job.lock", tmp_path / "go"
+    proc = start("-l", str(lock), "--", "sh", "-c", f"while [ ! -e {go} ]; do sleep 0.01; done")
+    procs.append(proc)
+    wait_for(lock.exists, "the lock")
+    st = lock.stat()
+    assert stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.geteuid()
+    proc.send_signal(signal.SIGTERM)
+    assert finish(proc)[0] == 143
+    assert not lock.exists()
