@@ -38,7 +38,7 @@ _READ_LIMIT = 65537
 # Each retry means another run changed the path under us; real contention settles long before.
 _MAX_ATTEMPTS = 10000
 _ORPHAN_AGE = 60.0  # seconds after which an unflocked named record is surely abandoned
-_FRESH = 1.0  # seconds a prepared record may wait before its start time is renewed
+_FRESH = 1.0  # seconds after which a waiter's record gets the time it took the lock
 _TMPFILE_UNSUPPORTED = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL)
 
 
@@ -56,6 +56,7 @@ class FileLock:
         self._ident: os.stat_result | None = None  # our file, while we hold the lock
         self._busy_fd: int | None = None  # the holder's file, kept to wait on
         self._command_fd: int | None = None  # our file again, for the command to inherit
+        self._holder: Holder | None = None
         self._anonymous = hasattr(os, "O_TMPFILE")
 
     # -- acquiring ---------------------------------------------------------------------
@@ -64,6 +65,7 @@ class FileLock:
         if self._ident is not None:
             raise RuntimeError("lock already held")
         self.recovered = None
+        self._holder = holder
         self._drop_busy()
         dirfd = self._open_dir()
         for _ in range(_MAX_ATTEMPTS):
@@ -120,10 +122,6 @@ class FileLock:
         """Link our record at the path: True if that made us the holder."""
         if self._fd is None:
             self._fd = self._prepare(dirfd, holder)
-        elif time.time() - holder.started > _FRESH:
-            # A waiter's record was written when it began to wait; say when it took over.
-            holder.started = time.time()
-            self._write_record(dirfd, self._fd, holder)
         try:
             if self._tempname is None:
                 os.link(f"/proc/self/fd/{self._fd}", self._name, dst_dir_fd=dirfd)
@@ -148,6 +146,8 @@ class FileLock:
         except OSError as exc:
             raise LockUnusable(self.path, reason(exc)) from None
         self._ident = os.fstat(self._fd)
+        if time.time() - holder.started > _FRESH:
+            self._renew_start(self._fd, holder)
         if self._tempname is not None:
             self._discard_tempname(dirfd)
             self._sweep_orphans(dirfd)
@@ -191,6 +191,18 @@ class FileLock:
             raise LockUnusable(self.path, reason(exc)) from None
         self._write_record(dirfd, fd, holder)
         return fd
+
+    @staticmethod
+    def _renew_start(fd: int, holder: Holder) -> None:
+        """A waiter's record was made before it waited, to be ready at once when the lock
+        comes free; once it holds the lock, say when it took it. Same length, in place."""
+        holder.started = time.time()
+        data = holder.encode()
+        try:
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
+        except OSError:
+            pass  # the record then shows when the wait began: not worth failing the run for
 
     def _write_record(self, dirfd: int, fd: int, holder: Holder) -> None:
         try:
@@ -253,6 +265,9 @@ class FileLock:
         fd = self._busy_fd
         if fd is None:
             return True
+        if self._fd is None and self._holder is not None and self._dirfd is not None:
+            # Have the record ready, so that taking the lock once it is free is one link.
+            self._fd = self._prepare(self._dirfd, self._holder)
         try:
             return watch.call_until(lambda: fcntl.flock(fd, fcntl.LOCK_EX), deadline)
         finally:
