@@ -59,11 +59,23 @@ def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
     return status, texts[0], texts[1]
 
 
+def until(go: Path) -> str:
+    """A shell command that waits until ``go`` exists."""
+    return f"while [ ! -e {go} ]; do sleep 0.01; done"
+
+
+def hold(lock: Path, go: Path, *options: str) -> subprocess.Popen[str]:
+    """Start a run that holds ``lock`` until ``go`` exists; return once the lock is taken."""
+    proc = start("-l", str(lock), *options, "--", "sh", "-c", until(go))
+    wait_for(lock.exists, "the holder to take the lock")
+    return proc
+
+
 def probe(log: Path, go: Path | None = None, tag: str = "$$") -> str:
     """A shell command that appends ``start TAG`` and ``end TAG`` to ``log`` (O_APPEND:
     each line lands whole), waiting between the two until ``go`` exists."""
-    hold = f'while [ ! -e "{go}" ]; do sleep 0.01; done; ' if go is not None else ""
-    return f'echo "start {tag}" >> "{log}"; {hold}echo "end {tag}" >> "{log}"'
+    wait = f"{until(go)}; " if go is not None else ""
+    return f'echo "start {tag}" >> "{log}"; {wait}echo "end {tag}" >> "{log}"'
 
 
 def overlaps(log: Path) -> list[str]:

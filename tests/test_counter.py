@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import os
+import random
+import time
 from pathlib import Path
 
 import pytest
 
 from taskrunner.counter import parse
 
-from conftest import finish, run, start, wait_for
+from conftest import finish, hold, run, start
 
 
 @pytest.fixture
 def held(lockdir: Path, tmp_path: Path, procs):
     """A lock held by a run that ends when the returned function is called."""
     lock, go = lockdir / "job.lock", tmp_path / "go"
-    proc = start("-l", str(lock), "--", "sh", "-c", f"while [ ! -e {go} ]; do sleep 0.01; done")
+    proc = hold(lock, go)
     procs.append(proc)
-    wait_for(lock.exists, "the lock")
 
     def release() -> None:
         go.touch()
@@ -167,3 +168,26 @@ def test_parse():
     assert parse(b"-1") is None
     assert parse(b"4 2") is None
     assert parse(b"\xd9\xa3") is None  # an Arabic-Indic digit is not ASCII
+
+
+def test_refusals_killed_at_random_moments_leave_a_count_between_old_and_new(held, tmp_path: Path):
+    """kill -9 lands anywhere in a refusal, the counter update included: the count stays a
+    count, never below the refusals that finished nor above those that began."""
+    counter = tmp_path / "count"
+    rng = random.Random(1234)
+    runners = [
+        start("-l", str(held.lock), "-t", "100000", "-f", str(counter), "-c", "true")
+        for _ in range(60)
+    ]
+    for proc in rng.sample(runners, 30):
+        time.sleep(rng.uniform(0, 0.01))
+        proc.kill()
+    statuses = [finish(p)[0] for p in runners]
+    finished = statuses.count(75)
+    assert set(statuses) <= {75, -9}
+    assert finished <= parse(counter.read_bytes()) <= len(runners)  # type: ignore[operator]
+    before = parse(counter.read_bytes())
+    once_more = run("-l", str(held.lock), "-t", "100000", "-f", str(counter), "-c", "true")
+    assert once_more.returncode == 75
+    assert parse(counter.read_bytes()) == before + 1  # type: ignore[operator]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("count")) == ["count"]

@@ -20,12 +20,14 @@ from conftest import (
     alive,
     children,
     finish,
+    hold,
     kill_group,
     overlaps,
     probe,
     run,
     start,
     starts,
+    until,
     wait_for,
 )
 
@@ -61,14 +63,13 @@ def test_lock_exists_with_the_holder_record_while_the_command_runs(lockdir: Path
 
 def test_record_names_a_live_process(lockdir: Path, tmp_path: Path, procs):
     lock, go = lockdir / "job.lock", tmp_path / "go"
-    proc = start("-l", str(lock), "--", "sh", "-c", f"while [ ! -e {go} ]; do sleep 0.01; done")
+    proc = hold(lock, go)
     procs.append(proc)
-    wait_for(lock.exists, "the lock")
     record = holder_of(lock)
     assert record.pid == proc.pid
     assert record.proc_start == process_start(proc.pid)
     assert record.is_alive() is True
-    assert record.command == f"sh -c 'while [ ! -e {go} ]; do sleep 0.01; done'"
+    assert record.command == f"sh -c '{until(go)}'"
     go.touch()
     assert finish(proc)[0] == 0
     assert not lock.exists()
@@ -321,9 +322,8 @@ def test_runner_holds_the_flock_the_command_inherits(lockdir: Path, tmp_path: Pa
 
 def test_stat_of_a_held_lock_is_a_regular_file(lockdir: Path, tmp_path: Path, procs):
     lock, go = lockdir / "job.lock", tmp_path / "go"
-    proc = start("-l", str(lock), "--", "sh", "-c", f"while [ ! -e {go} ]; do sleep 0.01; done")
+    proc = hold(lock, go)
     procs.append(proc)
-    wait_for(lock.exists, "the lock")
     st = lock.stat()
     assert stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.geteuid()
     proc.send_signal(signal.SIGTERM)

@@ -9,7 +9,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from conftest import TASKRUNNER, finish, run, start, wait_for
+from conftest import TASKRUNNER, finish, hold, run, start, wait_for
 
 
 def test_command_output_passes_through_untouched(lockdir: Path):
@@ -43,9 +43,8 @@ def test_quiet_when_fine_and_own_lines_are_prefixed(lockdir: Path, tmp_path: Pat
     lock, go = lockdir / "job.lock", tmp_path / "go"
     ok = run("-l", str(lock), "-c", "echo out; echo err >&2")
     assert (ok.returncode, ok.stdout, ok.stderr) == (0, "out\n", "err\n")
-    holder = start("-l", str(lock), "--", "sh", "-c", f"while [ ! -e {go} ]; do sleep 0.01; done")
+    holder = hold(lock, go)
     procs.append(holder)
-    wait_for(lock.exists, "the holder")
     busy = run("-l", str(lock), "-c", "true")
     (line,) = busy.stderr.splitlines()
     assert re.fullmatch(

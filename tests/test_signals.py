@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import alive, blocked_in_flock, children, finish, probe, run, start, wait_for
+from conftest import alive, blocked_in_flock, children, finish, hold, probe, run, start, wait_for
 
 SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT]
 
@@ -133,9 +133,8 @@ def test_timeout_zero_means_no_limit(lockdir: Path):
 
 def test_signal_before_the_lock_is_taken_stops_a_waiter(lockdir: Path, tmp_path: Path, procs):
     lock, go, ran = lockdir / "job.lock", tmp_path / "go", tmp_path / "ran"
-    holder = start("-l", str(lock), "--", "sh", "-c", f"while [ ! -e {go} ]; do sleep 0.01; done")
+    holder = hold(lock, go)
     procs.append(holder)
-    wait_for(lock.exists, "the holder")
     waiter = start("-l", str(lock), "--wait", "60", "-c", f"touch {ran}")
     procs.append(waiter)
     wait_for(lambda: blocked_in_flock(waiter.pid), "the waiter to wait for the lock")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
-from conftest import blocked_in_flock, children, finish, kill_group, probe, start, wait_for
+from taskrunner.holder import Holder
+
+from conftest import blocked_in_flock, children, finish, hold, kill_group, probe, start, wait_for
 
 
 def test_waiter_runs_once_the_holder_is_done(lockdir: Path, tmp_path: Path, procs):
@@ -39,9 +42,8 @@ def test_waiter_refuses_at_its_deadline_and_is_counted(lockdir: Path, tmp_path: 
         tmp_path / "count",
         tmp_path / "ran",
     )
-    holder = start("-l", str(lock), "--", "sh", "-c", f"while [ ! -e {go} ]; do sleep 0.01; done")
+    holder = hold(lock, go)
     procs.append(holder)
-    wait_for(lock.exists, "the holder")
     status, _, err = finish(
         start("-l", str(lock), "--wait", "0.3", "-t", "5", "-f", str(counter), "-c", f"touch {ran}")
     )
@@ -68,3 +70,21 @@ def test_waiter_takes_over_when_the_holder_dies(lockdir: Path, tmp_path: Path, p
     assert ran.exists()
     assert f"pid {holder.pid}" in err and "removed the stale lock" in err
     assert list(lockdir.iterdir()) == []
+
+
+def test_a_waiters_record_says_when_it_took_the_lock(lockdir: Path, tmp_path: Path, procs):
+    lock, go, seen = lockdir / "job.lock", tmp_path / "go", tmp_path / "seen"
+    holder = hold(lock, go)
+    procs.append(holder)
+    waiter = start("-l", str(lock), "--wait", "60", "-c", f'cat "$TASKRUNNER_LOCKFILE" > {seen}')
+    procs.append(waiter)
+    wait_for(lambda: blocked_in_flock(waiter.pid), "the waiter to block on the lock")
+    time.sleep(1.5)  # long enough for the record made before the wait to be renewed
+    released = time.time()
+    go.touch()
+    assert finish(holder)[0] == 0
+    assert finish(waiter)[0] == 0
+    record = Holder.decode(seen.read_bytes())
+    assert record is not None
+    assert record.pid == waiter.pid
+    assert record.started >= released - 0.1
