@@ -163,3 +163,13 @@ def test_closed_stdout_and_stderr(lockdir: Path):
         )
         assert result.returncode == 3, (closed, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+def test_a_system_without_sigtimedwait_is_told_so(lockdir: Path, monkeypatch, capsys):
+    from taskrunner import signals
+
+    monkeypatch.delattr(signals.signal, "sigtimedwait")
+    assert main(["-l", str(lockdir / "job.lock"), "-c", "true"]) == 71
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "lacks sigtimedwait" in line
+    assert list(lockdir.iterdir()) == []

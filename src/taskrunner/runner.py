@@ -86,6 +86,13 @@ class Result:
 
 def run(job: Job, lock: LockBackend, reporter: Reporter) -> Result:
     """Run ``job`` under ``lock``."""
+    if not hasattr(signal, "sigtimedwait"):
+        reporter.error(
+            "unsupported",
+            f"{job.name}: not run: this system lacks sigtimedwait(2), which taskrunner needs "
+            "to watch the command (Linux and FreeBSD have it; macOS does not)",
+        )
+        return Result(UNUSABLE)
     watch = SignalWatch()
     watch.install()
     counter = None
