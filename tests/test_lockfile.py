@@ -329,3 +329,36 @@ def test_stat_of_a_held_lock_is_a_regular_file(lockdir: Path, tmp_path: Path, pr
     proc.send_signal(signal.SIGTERM)
     assert finish(proc)[0] == 143
     assert not lock.exists()
+
+
+def test_lock_left_by_a_previous_boot_is_taken_over(lockdir: Path, tmp_path: Path):
+    """After a power cut or a reboot the file is still there, but nothing holds it."""
+    lock, ran = lockdir / "job.lock", tmp_path / "ran"
+    before = Holder(
+        pid=1234,
+        host=socket.gethostname(),
+        started=time.time() - 86400,
+        command="backup.sh",
+        boot_id="00000000-0000-0000-0000-000000000000",
+        proc_start=42,
+    )
+    lock.write_bytes(before.encode())
+    os.chmod(lock, 0o600)
+    result = run("-l", str(lock), "-c", f"touch {ran}")
+    assert result.returncode == 0
+    assert ran.exists()
+    (warning,) = result.stderr.splitlines()
+    assert "removed the stale lock" in warning
+    assert "pid 1234" in warning
+    assert "backup.sh" in warning
+    assert "started 1d00h ago" in warning
+    assert before.is_alive() is False
+    assert list(lockdir.iterdir()) == []
+
+
+def test_a_record_of_another_version_is_still_taskrunners(lockdir: Path, tmp_path: Path):
+    lock = lockdir / "job.lock"
+    lock.write_bytes(b"taskrunner-lock 2\npid 77\nsomething new\n" + b"x" * 100000)
+    result = run("-l", str(lock), "-c", "true")
+    assert result.returncode == 0
+    assert "pid 77" in result.stderr
