@@ -137,8 +137,8 @@ OPTIONS = (
            "debug)", _OUT),
     Option(("--log-file",), str, "also append taskrunner's events to PATH", _OUT, "PATH"),
     Option(("--syslog",), FLAG, "also send taskrunner's events to syslog", _OUT),
-    Option(("--log-format",), log_format, "form of --log-file and --syslog lines (default "
-           "text)", _OUT, "FORMAT", ("text", "json")),
+    Option(("--log-format",), log_format, "text or json: the form of --log-file and --syslog "
+           "lines (default text)", _OUT, "FORMAT", ("text", "json")),
 )  # fmt: skip
 _BY_FLAG = {flag: opt for opt in OPTIONS for flag in opt.flags}
 
