@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -17,6 +18,7 @@ from taskrunner.holder import Holder, boot_id, process_start
 
 from conftest import (
     HANG,
+    TASKRUNNER,
     alive,
     children,
     finish,
@@ -362,3 +364,75 @@ def test_a_record_of_another_version_is_still_taskrunners(lockdir: Path, tmp_pat
     result = run("-l", str(lock), "-c", "true")
     assert result.returncode == 0
     assert "pid 77" in result.stderr
+
+
+def test_a_runner_letting_go_is_never_taken_for_dead(lockdir: Path, tmp_path: Path, procs):
+    """The command ends but leaves a process that holds the lock a little longer: the next
+    run waits for the runner to let go, and nobody calls the live lock stale."""
+    lock = lockdir / "job.lock"
+    for _ in range(5):
+        holder = start("-l", str(lock), "-c", "(sleep 0.3) & exit 0")
+        procs.append(holder)
+        wait_for(lock.exists, "the holder")
+        waiter = start("-l", str(lock), "--wait", "30", "-c", "true")
+        procs.append(waiter)
+        status, _, err = finish(waiter)
+        assert (status, err) == (0, "")
+        status, _, err = finish(holder)
+        assert (status, err) == (0, "")
+        assert list(lockdir.iterdir()) == []
+
+
+CLOSES_ITS_FDS = """
+import os, pathlib, sys, time
+os.closerange(3, 4096)
+log, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+with log.open("a") as f: f.write("start closer\\n")
+while not go.exists(): time.sleep(0.01)
+with log.open("a") as f: f.write("end closer\\n")
+"""
+
+
+def test_runner_killed_while_its_command_runs_without_the_lock_descriptor(
+    lockdir: Path, tmp_path: Path, procs
+):
+    lock, log, go = lockdir / "job.lock", tmp_path / "log", tmp_path / "go"
+    proc = start("-l", str(lock), "--", sys.executable, "-c", CLOSES_ITS_FDS, str(log), str(go))
+    procs.append(proc)
+    wait_for(log.exists, "the command")
+    (command,) = children(proc.pid)
+    assert holder_of(lock).command_pid == command
+    proc.kill()
+    proc.wait()
+    refused = run("-l", str(lock), "-c", probe(log, None, "second"))
+    assert refused.returncode == 75, "the command still runs: the lock is not stale"
+    go.touch()
+    wait_for(lambda: not alive(command), "the command to end")
+    later = run("-l", str(lock), "-c", probe(log, None, "third"))
+    assert later.returncode == 0
+    assert "removed the stale lock" in later.stderr
+    assert overlaps(log) == []
+    assert log.read_text().split() == [
+        "start",
+        "closer",
+        "end",
+        "closer",
+        "start",
+        "third",
+        "end",
+        "third",
+    ]
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_a_flock_error_is_an_unusable_lock_not_a_crash(lockdir: Path):
+    lock = lockdir / "job.lock"
+    result = subprocess.run(
+        ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=flock",
+         "-e", "inject=flock:error=ENOLCK", *TASKRUNNER, "-l", str(lock), "-c", "true"],
+        capture_output=True, text=True, timeout=HANG, start_new_session=True,
+    )  # fmt: skip
+    assert result.returncode == 71
+    assert "no locks available" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(lockdir.iterdir()) == []

@@ -37,6 +37,11 @@ class LockBackend(Protocol):
         even if the runner is killed."""
         raise NotImplementedError
 
+    def note_command(self, pid: int) -> None:
+        """The command has started as ``pid``: record it, so that the lock stays held while
+        it runs even if the runner dies and the command closes what it inherited."""
+        raise NotImplementedError
+
     def release(self, grace: float = 0.0) -> bool:
         """Give the lock up; call once the command is gone. False if what the command
         started still holds it through an inherited descriptor (waiting up to ``grace``

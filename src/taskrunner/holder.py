@@ -9,10 +9,13 @@ Format (version 1), UTF-8 text, one ``key value`` pair a line after a fixed firs
     proc_start 1234567
     started 1764860000.123
     command backup.sh --full
+    command_pid 4243
+    command_start 1234570
 
-``proc_start`` is the process's start time in clock ticks after boot (field 22 of
-``/proc/PID/stat``); with ``boot_id`` it tells a live process from a reused pid. Values escape
-backslash, newline and carriage return. Readers ignore keys they do not know.
+``pid`` is the runner's; ``command_pid`` the command's, added once it has started.
+``proc_start`` and ``command_start`` are their start times in clock ticks after boot (field 22
+of ``/proc/PID/stat``); with ``boot_id`` they tell a live process from a reused pid. Values
+escape backslash, newline and carriage return. Readers ignore keys they do not know.
 """
 
 from __future__ import annotations
@@ -69,17 +72,38 @@ def boot_id() -> str | None:
     return text.strip() if text else None
 
 
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name: state first."""
+    text = _read_small(f"/proc/{pid}/stat")
+    # The command name (field 2) is in parentheses and may itself hold spaces or ')'.
+    return text[text.rfind(")") + 2 :].split() if text else None
+
+
 def process_start(pid: int) -> int | None:
     """The process's start time in clock ticks after boot (Linux), or None if unknown."""
-    text = _read_small(f"/proc/{pid}/stat")
-    if not text:
-        return None
-    # The command name (field 2) is in parentheses and may itself hold spaces or ')'.
-    fields = text[text.rfind(")") + 2 :].split()
+    fields = _stat(pid)
     try:
-        return int(fields[19])
+        return int(fields[19]) if fields else None
     except (IndexError, ValueError):
         return None
+
+
+def running(pid: int, start: int | None) -> bool:
+    """Whether process ``pid``, started at ``start`` (if known), runs on this host now. A
+    zombie does not: it has ended, only its parent has not noticed."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    fields = _stat(pid)
+    if fields is None:  # no /proc: the pid exists, and that is all there is to know
+        return True
+    try:
+        return fields[0] != "Z" and (start is None or int(fields[19]) == start)
+    except (IndexError, ValueError):
+        return True
 
 
 def format_age(seconds: float) -> str:
@@ -97,7 +121,10 @@ def format_age(seconds: float) -> str:
 class Holder:
     """Who holds (or held) a lock: enough to name it in a report and to judge it alive."""
 
-    __slots__ = ("boot_id", "command", "host", "pid", "proc_start", "started")
+    __slots__ = (
+        "boot_id", "command", "command_pid", "command_start", "host", "pid", "proc_start",
+        "started",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -114,6 +141,8 @@ class Holder:
         self.command = command
         self.boot_id = boot_id
         self.proc_start = proc_start
+        self.command_pid: int | None = None
+        self.command_start: int | None = None
 
     @classmethod
     def current(cls, command: str) -> Holder:
@@ -132,6 +161,10 @@ class Holder:
         if len(command) > _MAX_COMMAND:
             command = command[: _MAX_COMMAND - 3] + "..."
         lines.append(f"command {_escape(command)}")
+        if self.command_pid is not None:
+            lines.append(f"command_pid {self.command_pid}")
+        if self.command_start is not None:
+            lines.append(f"command_start {self.command_start}")
         body = "\n".join(lines) + "\n"
         return MAGIC + body.encode("utf-8", "surrogateescape")
 
@@ -147,7 +180,7 @@ class Holder:
             key, _, value = line.partition(" ")
             if key:
                 fields[key] = _unescape(value)
-        return cls(
+        holder = cls(
             pid=_number(fields.get("pid"), int) or 0,
             host=fields.get("host", "?"),
             started=_number(fields.get("started"), float) or 0.0,
@@ -155,22 +188,20 @@ class Holder:
             boot_id=fields.get("boot_id") or None,
             proc_start=_number(fields.get("proc_start"), int),
         )
+        holder.command_pid = _number(fields.get("command_pid"), int)
+        holder.command_start = _number(fields.get("command_start"), int)
+        return holder
 
     def is_alive(self) -> bool | None:
-        """Whether the recorded process still runs: None when that cannot be told from here
-        (another host)."""
+        """Whether the runner or its command still runs: None when that cannot be told from
+        here (another host)."""
         if self.host != os.uname().nodename:
             return None
         if self.boot_id is not None and self.boot_id != boot_id():
             return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        start = process_start(self.pid)
-        return self.proc_start is None or start is None or start == self.proc_start
+        if self.pid > 0 and running(self.pid, self.proc_start):
+            return True
+        return self.command_pid is not None and running(self.command_pid, self.command_start)
 
     def describe(self, when: str = "") -> str:
         """``pid 4242 on web1 for 3m12s (command 'backup.sh')``, ``when`` being the middle."""

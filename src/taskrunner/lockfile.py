@@ -31,13 +31,14 @@ from taskrunner.fsutil import (
     still_named,
     write_all,
 )
-from taskrunner.holder import Holder
+from taskrunner.holder import Holder, process_start
 from taskrunner.signals import SignalWatch
 
 _READ_LIMIT = 65537
 # Each retry means another run changed the path under us; real contention settles long before.
 _MAX_ATTEMPTS = 10000
 _ORPHAN_AGE = 60.0  # seconds after which an unflocked named record is surely abandoned
+_POLL = 0.01  # seconds between looks where there is nothing to block on
 _FRESH = 1.0  # seconds after which a waiter's record gets the time it took the lock
 _TMPFILE_UNSUPPORTED = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL)
 
@@ -57,6 +58,7 @@ class FileLock:
         self._busy_fd: int | None = None  # the holder's file, kept to wait on
         self._command_fd: int | None = None  # our file again, for the command to inherit
         self._holder: Holder | None = None
+        self._poll = False  # the last refusal came from a holder that holds no flock now
         self._anonymous = hasattr(os, "O_TMPFILE")
 
     # -- acquiring ---------------------------------------------------------------------
@@ -87,36 +89,42 @@ class FileLock:
     def _inspect(self, dirfd: int, fd: int) -> None:
         """Judge the file another run or an operator left at the path. Returns when the
         path has changed or was cleared (try again); raises when the lock is not ours."""
-        st = os.fstat(fd)
-        why = check_ours(st)
-        if why:
-            raise LockUnusable(self.path, why)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = Holder.decode(os.pread(fd, _READ_LIMIT, 0))
-            if holder is None and st.st_nlink > 1:
-                raise LockUnusable(self.path, f"has {st.st_nlink} hard links") from None
-            self._busy_fd = fd
-            raise LockBusy(self.path, holder, st.st_mtime) from None
-        # Nobody holds this file. Is it still the one at the path?
-        if not still_named(dirfd, self._name, st):
-            return
-        dead = Holder.decode(os.pread(fd, _READ_LIMIT, 0))
-        if dead is None:
-            links = os.fstat(fd).st_nlink
-            if links > 1:
-                raise LockUnusable(self.path, f"has {links} hard links")
-            raise LockBusy(self.path, None, st.st_mtime)
-        # Stale: its holder is gone. Removing it while we hold its flock is safe, since any
-        # other run that opened it will find it unnamed once it wins the flock in turn.
-        try:
-            os.unlink(self._name, dir_fd=dirfd)
-        except FileNotFoundError:
-            return
+            st = os.fstat(fd)
+            why = check_ours(st)
+            if why:
+                raise LockUnusable(self.path, why)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = Holder.decode(os.pread(fd, _READ_LIMIT, 0))
+                if holder is None and st.st_nlink > 1:
+                    raise LockUnusable(self.path, f"has {st.st_nlink} hard links") from None
+                self._busy_fd = fd
+                raise LockBusy(self.path, holder, st.st_mtime) from None
+            # Nobody holds this file. Is it still the one at the path?
+            if not still_named(dirfd, self._name, st):
+                return
+            dead = Holder.decode(os.pread(fd, _READ_LIMIT, 0))
+            if dead is None:
+                links = os.fstat(fd).st_nlink
+                if links > 1:
+                    raise LockUnusable(self.path, f"has {links} hard links")
+                raise LockBusy(self.path, None, st.st_mtime)
+            if dead.is_alive():
+                # Its runner is between two flocks as it lets go, or was killed while its
+                # command, which closed the descriptor it inherited, still runs: not stale.
+                self._poll = True
+                raise LockBusy(self.path, dead, st.st_mtime)
+            # Stale: its holder is gone. Removing it while we hold its flock is safe, since
+            # any other run that opened it will find it unnamed once it wins the flock.
+            try:
+                os.unlink(self._name, dir_fd=dirfd)
+            except FileNotFoundError:
+                return
+            self.recovered = dead
         except OSError as exc:
-            raise LockUnusable(self.path, f"cannot remove stale lock: {reason(exc)}") from None
-        self.recovered = dead
+            raise LockUnusable(self.path, reason(exc)) from None
 
     def _publish(self, dirfd: int, holder: Holder) -> bool:
         """Link our record at the path: True if that made us the holder."""
@@ -161,7 +169,11 @@ class FileLock:
             fd = os.open(self._name, os.O_RDONLY | OPEN_FLAGS, dir_fd=dirfd)
         except OSError as exc:
             raise LockUnusable(self.path, reason(exc)) from None
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise LockUnusable(self.path, reason(exc)) from None
         return fd
 
     def _prepare(self, dirfd: int, holder: Holder) -> int:
@@ -262,19 +274,36 @@ class FileLock:
     # -- waiting, holding, releasing ---------------------------------------------------
 
     def wait_for_change(self, deadline: float, watch: SignalWatch) -> bool:
-        fd = self._busy_fd
-        if fd is None:
-            return True
         if self._fd is None and self._holder is not None and self._dirfd is not None:
             # Have the record ready, so that taking the lock once it is free is one link.
             self._fd = self._prepare(self._dirfd, self._holder)
+        fd = self._busy_fd
+        if fd is None:
+            if not self._poll:
+                return True
+            # Nothing to block on: the holder lives but holds no flock for a moment.
+            self._poll = False
+            watch.call_until(lambda: time.sleep(_POLL), deadline)
+            return time.monotonic() < deadline
         try:
             return watch.call_until(lambda: fcntl.flock(fd, fcntl.LOCK_EX), deadline)
+        except OSError as exc:
+            raise LockUnusable(self.path, reason(exc)) from None
         finally:
             self._drop_busy()
 
     def inheritable_fds(self) -> tuple[int, ...]:
         return () if self._command_fd is None else (self._command_fd,)
+
+    def note_command(self, pid: int) -> None:
+        if self._fd is None or self._holder is None:
+            return
+        self._holder.command_pid = pid
+        self._holder.command_start = process_start(pid)
+        try:
+            os.pwrite(self._fd, self._holder.encode(), 0)  # longer than before: no truncate
+        except OSError:
+            pass  # the runner's flock and the inherited one still hold the lock
 
     def release(self, grace: float = 0.0) -> bool:
         ident, self._ident = self._ident, None
@@ -286,15 +315,13 @@ class FileLock:
         fd = self._fd
         assert fd is not None
         try:
-            try:
-                # Atomic in Linux: ours becomes exclusive, or fails while another holds it.
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            deadline = time.monotonic() + grace
+            while not self._try_exclusive(fd, ident):
                 # What the command started still holds it: processes that are dying with it,
                 # or ones that live on. Give the first kind a moment; leave it to the second.
-                deadline = time.monotonic() + grace
-                if not SignalWatch(()).call_until(lambda: fcntl.flock(fd, fcntl.LOCK_EX), deadline):
+                if time.monotonic() >= deadline:
                     return False
+                time.sleep(_POLL)
             # Remove the path only while it is still ours, and while we hold the flock:
             # unlocking first would let a waiter win a file that a newcomer is replacing.
             if self._dirfd is not None and still_named(self._dirfd, self._name, ident):
@@ -304,6 +331,25 @@ class FileLock:
             raise LockUnusable(self.path, f"cannot remove lock file: {reason(exc)}") from None
         finally:
             self._discard_record()
+
+    @staticmethod
+    def _try_exclusive(fd: int, ident: os.stat_result) -> bool:
+        """Make our shared flock exclusive if nothing else holds the lock, keeping it shared
+        if something does. Linux drops the old flock before it tries the new one, so a
+        failed attempt would leave the lock unheld for a moment, and a newcomer could take
+        a live lock for a stale one: where /proc/locks tells, look before trying."""
+        if _other_flocks(ident):
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass  # a newcomer is looking at it: our record, alive, makes it back off
+        return False
 
     def close(self) -> None:
         try:
@@ -324,6 +370,19 @@ class FileLock:
         if self._busy_fd is not None:
             os.close(self._busy_fd)
             self._busy_fd = None
+
+
+def _other_flocks(ident: os.stat_result) -> bool:
+    """Whether more than one flock is held on the file ``ident`` (ours and another), by
+    /proc/locks; False where that cannot be read, and the caller then just tries."""
+    key = f" {os.major(ident.st_dev):02x}:{os.minor(ident.st_dev):02x}:{ident.st_ino} "
+    try:
+        with open("/proc/locks", "rb") as f:
+            text = f.read().decode("ascii", "replace")
+    except OSError:
+        return False
+    held = [line for line in text.splitlines() if key in line and "->" not in line]
+    return len([line for line in held if " FLOCK " in line]) > 1
 
 
 __all__ = ["FileLock"]

@@ -215,6 +215,7 @@ def _execute(job: Job, lock: LockBackend, watch: SignalWatch, reporter: Reporter
     watch.check()
     started = time.monotonic()
     child.start()
+    lock.note_command(child.pid)
     reporter.debug("start", f"started {job.command_text!r} as pid {child.pid}")
     outcome = child.wait(job.timeout, job.kill_after, watch.pending)
     took = f"{time.monotonic() - started:.3f}s"
