@@ -436,3 +436,56 @@ def test_a_flock_error_is_an_unusable_lock_not_a_crash(lockdir: Path):
     assert "no locks available" in result.stderr
     assert "Traceback" not in result.stderr
     assert list(lockdir.iterdir()) == []
+
+
+def test_a_symlinked_directory_of_ours_is_followed(tmp_path: Path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    (tmp_path / "up").symlink_to("link/../real")
+    assert run("-l", str(tmp_path / "link" / "job.lock"), "-c", "true").returncode == 0
+    assert (
+        run(
+            "-l",
+            str(tmp_path / "up" / "job.lock"),
+            "-t",
+            "1",
+            "-f",
+            str(tmp_path / "up" / "c"),
+            "-c",
+            "true",
+        ).returncode
+        == 0
+    )
+    assert list(real.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to plant another user's symlink")
+def test_a_symlinked_directory_planted_by_another_user_is_refused(tmp_path: Path):
+    """In a world-writable sticky directory, nobody's `app -> secret` must not make root
+    delete or overwrite files in `secret`."""
+    shared, secret = tmp_path / "shared", tmp_path / "secret"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    secret.mkdir()
+    (secret / "state").write_text("precious\n")
+    (shared / "app").symlink_to(secret)
+    os.lchown(shared / "app", 65534, 65534)
+    for args in (
+        ["-l", str(shared / "app" / "job.lock"), "-c", "true"],
+        [
+            "-l",
+            str(shared / "job.lock"),
+            "-t",
+            "3",
+            "-f",
+            str(shared / "app" / "state"),
+            "-c",
+            "true",
+        ],
+    ):
+        result = run(*args)
+        assert result.returncode == 71, result.stderr
+        assert "symlink, app, that belongs to uid 65534" in result.stderr
+    assert (secret / "state").read_text() == "precious\n"
+    assert sorted(p.name for p in secret.iterdir()) == ["state"]

@@ -55,15 +55,61 @@ def kind(mode: int) -> str:
 
 def open_parent(path: str, error: type[Unusable]) -> tuple[int, str]:
     """A descriptor for the directory of ``path``, and the file name within it; raises
-    ``error`` if there is no such directory or ``path`` names no file."""
+    ``error`` if there is no such directory or ``path`` names no file.
+
+    The directory is reached one component at a time. A symlink on the way is followed only
+    if it belongs to root or to the user taskrunner runs as: ``/var/run -> /run`` is fine,
+    a link another user planted in /tmp could send root's lock and counter anywhere."""
     head, name = os.path.split(path)
     head = head or "."
     if name in ("", ".", ".."):
         raise error(path, "is a directory, not a file path")
     try:
-        return os.open(head, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), name
+        return _walk(head, path, error), name
     except OSError as exc:
         raise error(path, f"directory {head}: {reason(exc)}") from None
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_MAX_LINKS = 40  # as the kernel allows in one lookup
+
+
+def _walk(head: str, path: str, error: type[Unusable]) -> int:
+    fd = os.open("/" if head.startswith("/") else ".", _DIR_FLAGS)
+    todo = [p for p in head.split("/") if p not in ("", ".")]
+    links = 0
+    try:
+        while todo:
+            part = todo.pop(0)
+            try:
+                step = os.open(part, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                st = os.stat(part, dir_fd=fd, follow_symlinks=False)
+                if not stat.S_ISLNK(st.st_mode):
+                    raise
+                if st.st_uid not in (0, os.geteuid()):
+                    raise error(
+                        path, f"goes through a symlink, {part}, that belongs to uid {st.st_uid}"
+                    ) from None
+                links += 1
+                if links > _MAX_LINKS:
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP)) from None
+                target = os.readlink(part, dir_fd=fd)
+                if target.startswith("/"):
+                    os.close(fd)
+                    fd = -1
+                    fd = os.open("/", _DIR_FLAGS)
+                todo[:0] = [p for p in target.split("/") if p not in ("", ".")]
+                continue
+            os.close(fd)
+            fd = step
+        return fd
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        raise
 
 
 def check_ours(st: os.stat_result) -> str | None:
