@@ -9,6 +9,8 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from conftest import TASKRUNNER, finish, hold, run, start, wait_for
 
 
@@ -153,3 +155,26 @@ def test_syslog(lockdir: Path, tmp_path: Path, procs):
     message = sock.recv(4096).decode()
     assert json.loads(message.split(": ", 1)[1])["event"] == "finished"
     sock.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to plant another user's file")
+@pytest.mark.parametrize("kind", ["another user's file", "hard link", "symlink", "fifo"])
+def test_log_file_that_is_not_ours_is_not_written(lockdir: Path, tmp_path: Path, kind: str):
+    log, victim = tmp_path / "job.log", tmp_path / "victim"
+    victim.write_text("precious\n")
+    if kind == "another user's file":
+        log.write_text("theirs\n")
+        os.chown(log, 65534, 65534)
+    elif kind == "hard link":
+        os.link(victim, log)
+    elif kind == "symlink":
+        log.symlink_to(victim)
+    else:
+        os.mkfifo(log)
+    result = run("-l", str(lockdir / "job.lock"), "--log-file", str(log), "-c", "exit 3")
+    assert result.returncode == 3
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("taskrunner: warning: cannot ")
+    assert victim.read_text() == "precious\n"
+    if kind == "another user's file":
+        assert log.read_text() == "theirs\n"

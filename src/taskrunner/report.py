@@ -92,19 +92,21 @@ class Reporter:
         return json.dumps(record, default=str)
 
     def _open_log(self, path: str) -> None:
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-        try:
-            fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY, 0o644)
-        except OSError as exc:
-            from taskrunner.fsutil import reason
+        """Open the log file for appending; it must be a regular file of ours with one link,
+        as for the lock: a log in a shared directory must not write through someone's file."""
+        from taskrunner.fsutil import OPEN_FLAGS, check_ours, reason
 
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | OPEN_FLAGS
+        try:
+            fd = os.open(path, flags, 0o644)
+        except OSError as exc:
             self.warning("log", f"cannot open log file {path}: {reason(exc)}")
             return
-        import stat
-
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        why = check_ours(st) or (f"has {st.st_nlink} hard links" if st.st_nlink > 1 else None)
+        if why:
             os.close(fd)
-            self.warning("log", f"cannot open log file {path}: not a regular file")
+            self.warning("log", f"cannot use log file {path}: it {why}")
             return
         self._log_fd = fd
 
