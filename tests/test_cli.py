@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -173,3 +175,40 @@ def test_a_system_without_sigtimedwait_is_told_so(lockdir: Path, monkeypatch, ca
     (line,) = capsys.readouterr().err.splitlines()
     assert "lacks sigtimedwait" in line
     assert list(lockdir.iterdir()) == []
+
+
+def test_a_script_without_a_shebang_runs_through_sh(lockdir: Path, tmp_path: Path):
+    script = tmp_path / "plain"
+    script.write_text('echo "ran with $1"\n')
+    script.chmod(0o755)
+    result = run("-l", str(lockdir / "job.lock"), "--", str(script), "arg")
+    assert (result.returncode, result.stdout) == (0, "ran with arg\n")
+    on_path = run(
+        "-l",
+        str(lockdir / "job.lock"),
+        "--",
+        "plain",
+        "x",
+        env={**os.environ, "PATH": str(tmp_path)},
+    )
+    assert (on_path.returncode, on_path.stdout) == (0, "ran with x\n")
+
+
+def test_the_command_gets_the_signal_state_taskrunner_was_started_with(lockdir: Path):
+    """A blocked SIGUSR1 stays blocked and an ignored SIGALRM stays ignored; SIGPIPE, which
+    Python ignores for itself, is back to its default."""
+
+    def setup() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)
+
+    result = run(
+        "-l", str(lockdir / "job.lock"), "--", "grep", "^Sig", "/proc/self/status", preexec_fn=setup
+    )
+    assert result.returncode == 0
+    fields = dict(line.split(":\t") for line in result.stdout.splitlines())
+    blocked, ignored = int(fields["SigBlk"], 16), int(fields["SigIgn"], 16)
+    assert blocked & (1 << (signal.SIGUSR1 - 1))
+    assert ignored & (1 << (signal.SIGALRM - 1))
+    assert not ignored & (1 << (signal.SIGPIPE - 1))
+    assert not blocked & (1 << (signal.SIGTERM - 1))

@@ -7,6 +7,7 @@ import os
 import pty
 import select
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 
 from taskrunner.holder import Holder
 
-from conftest import TASKRUNNER, children, run, wait_for
+from conftest import TASKRUNNER, blocked_in_flock, children, hold, run, wait_for
 
 TR = " ".join(TASKRUNNER)
 
@@ -121,3 +122,38 @@ def test_ctrl_z_stops_the_job_and_fg_resumes_it(term: Terminal, lockdir: Path):
     term.send("echo rc=$?\n")
     term.expect("rc=0")
     assert list(lockdir.iterdir()) == []
+
+
+def test_time_limit_reaches_a_pipeline_started_from_a_terminal(term: Terminal, lockdir: Path):
+    lock = lockdir / "job.lock"
+    term.send(f"{TR} -l {lock} --timeout 0.5 -c 'sleep 37.5 | sleep 37.5'; echo rc=$?\n")
+    term.expect("rc=124")
+    assert not lock.exists()
+    assert subprocess.run(["pgrep", "-f", "sleep 37.5"], capture_output=True).returncode == 1
+
+
+def test_ctrl_c_while_waiting_for_the_lock_stops_a_calling_script(
+    term: Terminal, lockdir: Path, tmp_path: Path, procs
+):
+    lock = lockdir / "job.lock"
+    holder = hold(lock, tmp_path / "go")
+    procs.append(holder)
+    script = tmp_path / "loop.sh"
+    script.write_text(
+        f'for i in 1 2 3; do {TR} -l {lock} --wait 60 -- true; echo "iter $i rc=$?"; done\n'
+    )
+    term.send(f"bash {script}\n")
+    wait_for(lambda: any(blocked_in_flock(p) for p in _pids_of(script)), "the waiter")
+    term.send("\x03")
+    term.expect("^C")
+    term.send("echo script-rc=$?\n")
+    term.expect("script-rc=130")
+    assert b"iter 1" not in term.seen
+
+
+def _pids_of(script: Path) -> list[int]:
+    """The processes running ``script`` and their children."""
+    found = subprocess.run(
+        ["pgrep", "-f", str(script)], capture_output=True, text=True
+    ).stdout.split()
+    return [child for pid in found for child in children(int(pid))]

@@ -4,7 +4,8 @@ Without a controlling terminal (cron, systemd, CI) the command runs in a process
 own, so a signal or the time limit reaches everything it started. With a terminal, it stays
 in the caller's job, as ``timeout --foreground`` does: it can read the terminal, and Ctrl-C,
 Ctrl-Z, ``fg``, ``bg`` and pipelines act on it exactly as if it had been started directly;
-signals and the time limit then go to the command's own process.
+signals and the time limit then go to the command and the processes it started (found in
+/proc), since its group is the caller's.
 
 The runner waits with the signals it cares about blocked and taken by ``sigtimedwait``: no
 handler runs at an awkward moment, and no signal is lost between two checks.
@@ -16,19 +17,49 @@ import errno
 import os
 import time
 
-from taskrunner.errors import CannotRun
+from taskrunner.errors import CannotRun, Interrupted
+from taskrunner.holder import process_start, running
 from taskrunner.signals import signal
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
-# Signals whose disposition Python or taskrunner changed; the command gets their defaults.
-_RESET = (
-    signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGALRM,
-    signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ,
-)  # fmt: skip
+# Python ignores these at start-up; the command gets their defaults, as from a shell. Other
+# signals keep what taskrunner was started with: handlers end at exec, SIG_IGN stays.
+_RESET = (signal.SIGPIPE, signal.SIGXFSZ)
 _SI_KERNEL = 0x80  # si_code of a signal the kernel sent, e.g. the terminal's Ctrl-C
 _POLL = 0.02  # how often to look for processes left in the group after a time limit
 _LAST_WORDS = 2.0  # how long KILLed processes get to disappear
 TIMED_OUT = 124
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started, and theirs, as /proc shows them now."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children", "rb") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            found.extend(kids)
+            todo.extend(kids)
+    return found
+
+
+def _find(program: str, search: str) -> str:
+    """Where ``program`` is, looked up in the PATH ``search`` as execvp does."""
+    if "/" in program:
+        return program
+    for folder in search.split(os.pathsep):
+        candidate = os.path.join(folder or ".", program)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return program
 
 
 class Outcome:
@@ -83,25 +114,34 @@ class Child:
         self.pid = 0
         self.own_group = True
         self._saved_mask: set[int] | None = None
+        self._signalled: dict[int, int | None] = {}  # with a terminal: pid -> start time
+
+    def block(self) -> None:
+        """Hold back the signals :meth:`wait` takes, from now on: call before the last look
+        at signals that came earlier, and before :meth:`start`, so that none is missed."""
+        if self._saved_mask is None:
+            # An inherited SIG_IGN for SIGCHLD would reap the command before we could.
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            self._saved_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self._waited)
 
     def start(self) -> None:
         """Start the command. Raises :class:`CannotRun`."""
         self.own_group = not has_terminal()
-        # An inherited SIG_IGN for SIGCHLD would reap the command before we could.
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        # Blocked before the command exists, so not even an immediate exit is missed.
-        self._saved_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self._waited)
-        program = self._path or self.argv[0]
-        defaults: list[int] = [s for s in _RESET if s not in self._ignored]
+        self.block()
         for fd in self._pass_fds:
             os.set_inheritable(fd, True)
         try:
-            if self.own_group:
-                spawn = os.posix_spawnp if self._path is None else os.posix_spawn
-                self.pid = spawn(program, self.argv, self._env, setpgroup=0, setsigmask=(),
-                                 setsigdef=defaults)  # fmt: skip
-            else:
-                self.pid = self._fork_exec(program, defaults)
+            try:
+                self.pid = self._spawn(self._path, self.argv)
+            except OSError as exc:
+                if exc.errno != errno.ENOEXEC or self._path is not None:
+                    raise
+                # A script without #!: run it with sh, as execvp and shells do.
+                script = _find(self.argv[0], self._env.get("PATH", os.defpath))
+                self.pid = self._spawn("/bin/sh", ["sh", script, *self.argv[1:]])
+        except Interrupted:
+            self._restore_mask()
+            raise
         except OSError as exc:
             self._restore_mask()
             not_found = exc.errno in (errno.ENOENT, errno.ENOTDIR)
@@ -111,21 +151,43 @@ class Child:
             for fd in self._pass_fds:
                 os.set_inheritable(fd, False)
 
-    def _fork_exec(self, program: str, defaults: list[int]) -> int:
+    def _spawn(self, path: str | None, argv: list[str]) -> int:
+        """Start ``argv`` (``path``, or ``argv[0]`` looked up in PATH), with the signal mask
+        taskrunner was started with."""
+        mask = self._saved_mask or set()
+        if not self.own_group:
+            return self._fork_exec(path, argv, mask)
+        if path is None:
+            return os.posix_spawnp(argv[0], argv, self._env, setpgroup=0, setsigmask=mask,
+                                   setsigdef=_RESET)  # fmt: skip
+        return os.posix_spawn(path, argv, self._env, setpgroup=0, setsigmask=mask,
+                              setsigdef=_RESET)  # fmt: skip
+
+    def _fork_exec(self, path: str | None, argv: list[str], mask: set[int]) -> int:
         """fork and exec, for a command in the terminal's job. posix_spawn's vfork would
         leave us unable to stop while the new process waits to exec: a Ctrl-Z at that
         moment would stop the command but not us, and the shell would wait forever."""
+        # The terminal's signals reach the command by themselves, so they are not passed on;
+        # one that came just before the command exists would reach nobody: act on it here.
+        early = signal.sigpending() & {signal.SIGINT, signal.SIGQUIT, signal.SIGHUP}
+        if early:
+            sig = min(early)
+            signal.sigtimedwait({sig}, 0)
+            raise Interrupted(sig)
         report, errors = os.pipe()  # close-on-exec: an exec that works closes it
         pid = os.fork()
         if pid == 0:  # pragma: no cover (the child)
             try:
                 os.close(report)
-                for sig in defaults:
-                    signal.signal(sig, signal.SIG_DFL)
-                signal.pthread_sigmask(signal.SIG_SETMASK, ())
-                if self._path is None:
-                    os.execvpe(program, self.argv, self._env)
-                os.execve(program, self.argv, self._env)
+                # Our handlers first, while still blocked: a Ctrl-C that comes now must
+                # end this process as it would the command, not reach a handler of ours.
+                for sig in (*FORWARDED, *_RESET):
+                    if signal.getsignal(sig) != signal.SIG_IGN or sig in _RESET:
+                        signal.signal(sig, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                if path is None:
+                    os.execvpe(argv[0], argv, self._env)
+                os.execve(path, argv, self._env)
             except OSError as exc:
                 os.write(errors, b"%d" % (exc.errno or 0))
             finally:
@@ -152,7 +214,9 @@ class Child:
         deadline = time.monotonic() + timeout if timeout > 0 else None
         timed_out = terminal = False
         while early:
-            self.send(early.pop(0))
+            sig = early.pop(0)
+            terminal = terminal or (not self.own_group and sig in (signal.SIGINT, signal.SIGQUIT))
+            self.send(sig)
         while True:
             if deadline is None:
                 info: signal.struct_siginfo | None = signal.sigwaitinfo(self._waited)
@@ -170,7 +234,7 @@ class Child:
                 status = self._reap()
                 if status is None:
                     continue
-                if timed_out and self.own_group:
+                if timed_out:
                     self._finish_group(deadline)
                 if os.WIFSIGNALED(status):
                     sig = os.WTERMSIG(status)
@@ -198,6 +262,8 @@ class Child:
             time.sleep(_POLL)
 
     def _group_alive(self) -> bool:
+        if not self.own_group:
+            return any(running(p, start) for p, start in self._signalled.items() if p != self.pid)
         try:
             os.killpg(self.pid, 0)
         except (ProcessLookupError, PermissionError):
@@ -205,16 +271,24 @@ class Child:
         return True
 
     def send(self, signo: int) -> None:
-        """Signal the command: its whole group when it has one, else its process."""
-        try:
-            if not self.own_group:
-                os.kill(self.pid, signo)
-                return
-            os.killpg(self.pid, signo)
-            if signo != signal.SIGKILL:
-                os.killpg(self.pid, signal.SIGCONT)  # a stopped process acts on it only then
-        except (ProcessLookupError, PermissionError):
-            pass
+        """Signal the command: its whole group when it has one; else the command and every
+        process it started, and every process signalled before that still runs."""
+        if self.own_group:
+            try:
+                os.killpg(self.pid, signo)
+                if signo != signal.SIGKILL:
+                    os.killpg(self.pid, signal.SIGCONT)  # a stopped process acts on it then
+            except (ProcessLookupError, PermissionError):
+                pass
+            return
+        for pid in (self.pid, *_descendants(self.pid)):
+            self._signalled.setdefault(pid, process_start(pid))
+        for pid, start in self._signalled.items():
+            if running(pid, start):
+                try:
+                    os.kill(pid, signo)
+                except (ProcessLookupError, PermissionError):
+                    pass
 
     def _reap(self) -> int | None:
         try:
@@ -222,6 +296,10 @@ class Child:
         except ChildProcessError:
             return 255 << 8
         return status if pid else None
+
+    def unblock(self) -> None:
+        """Undo :meth:`block` when the command is not going to be started after all."""
+        self._restore_mask()
 
     def _restore_mask(self) -> None:
         if self._saved_mask is not None:

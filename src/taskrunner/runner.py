@@ -11,7 +11,7 @@ import time
 
 from taskrunner.errors import CannotRun, Interrupted, LockBusy, Unusable
 from taskrunner.holder import Holder, format_age
-from taskrunner.process import Child
+from taskrunner.process import Child, has_terminal
 from taskrunner.report import Reporter
 from taskrunner.signals import SignalWatch, signal
 
@@ -114,7 +114,9 @@ def run(job: Job, lock: LockBackend, reporter: Reporter) -> Result:
         return Result(exc.status)
     except Interrupted as exc:
         reporter.info("interrupted", f"{job.name}: not run: signal {exc.signum} arrived first")
-        return Result(128 + exc.signum)
+        # Ctrl-C on a terminal while waiting for the lock ends the job, calling script too.
+        from_terminal = exc.signum in (signal.SIGINT, signal.SIGQUIT) and has_terminal()
+        return Result(128 + exc.signum, exc.signum if from_terminal else None)
     finally:
         try:
             lock.close()
@@ -212,7 +214,12 @@ def _execute(job: Job, lock: LockBackend, watch: SignalWatch, reporter: Reporter
         pass_fds=lock.inheritable_fds(),
         ignored=frozenset(watch.ignored),
     )
-    watch.check()
+    child.block()
+    try:
+        watch.check()  # whatever came before the block; what comes after waits for the child
+    except Interrupted:
+        child.unblock()
+        raise
     started = time.monotonic()
     child.start()
     lock.note_command(child.pid)
