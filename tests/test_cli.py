@@ -212,3 +212,37 @@ def test_the_command_gets_the_signal_state_taskrunner_was_started_with(lockdir: 
     assert ignored & (1 << (signal.SIGALRM - 1))
     assert not ignored & (1 << (signal.SIGPIPE - 1))
     assert not blocked & (1 << (signal.SIGTERM - 1))
+
+
+@pytest.mark.parametrize("args", [[], ["-c", "true"], ["-l", "L"]])
+def test_a_missing_lock_or_command_shows_the_whole_help(args: list[str], lockdir: Path):
+    result = run(*args, cwd=str(lockdir))
+    assert result.returncode == 2
+    assert "exit status:" in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("taskrunner: error: ")
+    assert sum(line.startswith("taskrunner: error: ") for line in result.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"]])
+def test_version_and_help_with_stdout_closed(args: list[str]):
+    result = subprocess.run(
+        f"{' '.join(TASKRUNNER)} {args[0]} >&-",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_the_command_gets_dev_null_for_closed_standard_descriptors(lockdir: Path, tmp_path: Path):
+    out = tmp_path / "fds"
+    result = subprocess.run(
+        f"{' '.join(TASKRUNNER)} -l {lockdir}/x -c 'readlink /proc/self/fd/0 > {out}' <&-",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0
+    assert out.read_text() == "/dev/null\n"

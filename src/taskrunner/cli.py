@@ -55,7 +55,12 @@ The command gets TASKRUNNER_LOCKFILE and TASKRUNNER_NAME in its environment."""
 
 
 class UsageError(Exception):
-    """A bad command line: usage on stderr, exit 2."""
+    """A bad command line: usage on stderr, exit 2. When what is missing is the lock or the
+    command, the whole help goes with it, as the original taskrunner showed it."""
+
+    def __init__(self, message: str, *, missing: bool = False) -> None:
+        super().__init__(message)
+        self.missing = missing
 
 
 def duration(text: str) -> float:
@@ -152,10 +157,12 @@ def parse(args: Sequence[str]) -> dict[str, object]:
     while todo:
         arg = todo.pop(0)
         if arg in ("-h", "--help"):
-            main_parser().print_help()
+            if sys.stdout is not None:  # None: started with stdout closed
+                main_parser().print_help(sys.stdout)
             raise SystemExit(0)
         if arg == "--version":
-            sys.stdout.write(f"taskrunner {__version__}\n")
+            if sys.stdout is not None:
+                sys.stdout.write(f"taskrunner {__version__}\n")
             raise SystemExit(0)
         if arg.startswith("--"):
             flag, has_value, attached = arg.partition("=")
@@ -230,11 +237,11 @@ def _job_from(values: dict[str, object], program: list[str] | None) -> Job:
     command, lockfile, counter_file = text("command"), text("lockfile"), text("counter_file")
     threshold = values.get("threshold")
     if lockfile is None:
-        raise UsageError("the lock file is required: -l LOCKFILE")
+        raise UsageError("the lock file is required: -l LOCKFILE", missing=True)
     if command is not None and program is not None:
         raise UsageError("give the command with -c CMD or after --, not both")
     if command is None and program is None:
-        raise UsageError("no command: give -c CMD or -- PROGRAM [ARG...]")
+        raise UsageError("no command: give -c CMD or -- PROGRAM [ARG...]", missing=True)
     if (threshold is None) != (counter_file is None):
         raise UsageError("-t/--threshold and -f/--counter-file go together")
     if values.get("cumulative") and threshold is None:
@@ -277,7 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         values = parse(args)
         job = _job_from(values, program)
     except UsageError as exc:
-        sys.stderr.write(f"usage: {USAGE}\ntaskrunner: error: {exc}\n")
+        if sys.stderr is not None:
+            text = main_parser().format_help() if exc.missing else f"usage: {USAGE}\n"
+            sys.stderr.write(f"{text}taskrunner: error: {exc}\n")
         return USAGE_ERROR
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else 0
@@ -332,7 +341,7 @@ def _ensure_std_fds() -> None:
         try:
             os.fstat(fd)
         except OSError:
-            os.open(os.devnull, os.O_RDWR)
+            os.set_inheritable(os.open(os.devnull, os.O_RDWR), True)  # the command's too
 
 
 def entrypoint() -> NoReturn:
