@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 
 from taskrunner.counter import parse
 
-from conftest import finish, hold, run, start
+from conftest import TASKRUNNER, finish, hold, run, start
 
 
 @pytest.fixture
@@ -191,3 +193,19 @@ def test_refusals_killed_at_random_moments_leave_a_count_between_old_and_new(hel
     assert once_more.returncode == 75
     assert parse(counter.read_bytes()) == before + 1  # type: ignore[operator]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("count")) == ["count"]
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_a_flock_error_on_the_counter_is_unusable_not_a_crash(held, tmp_path: Path):
+    counter = tmp_path / "count"
+    counter.write_text("2\n")
+    result = subprocess.run(
+        ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=flock",
+         "-e", "inject=flock:error=ENOLCK:when=3", *TASKRUNNER,
+         "-l", str(held.lock), "-t", "5", "-f", str(counter), "-c", "true"],
+        capture_output=True, text=True, timeout=60, start_new_session=True,
+    )  # fmt: skip
+    assert result.returncode == 71
+    assert str(counter) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert counter.read_text() == "2\n"

@@ -32,8 +32,9 @@ if TYPE_CHECKING:
 _READ_LIMIT = 64
 _MAX_DIGITS = 18
 _MAX_ATTEMPTS = 10000
-# A holder keeps the counter's flock for microseconds; one stopped that long is not coming back.
-_FLOCK_PATIENCE = 10.0
+# A holder keeps the counter's flock for a moment (an fsync's worth); one that keeps it this
+# long is stopped or stuck on a dead disk, and the run says so rather than wait for ever.
+_FLOCK_PATIENCE = 30.0
 
 
 def parse(data: bytes) -> int | None:
@@ -64,7 +65,10 @@ class Counter:
         fd = self._hold(create=True)
         assert fd is not None
         try:
-            data = os.pread(fd, _READ_LIMIT, 0)
+            try:
+                data = os.pread(fd, _READ_LIMIT, 0)
+            except OSError as exc:
+                raise CounterUnusable(self.path, reason(exc)) from None
             old = parse(data)
             self.garbage = data if old is None else None
             count = (old or 0) + 1
@@ -123,6 +127,9 @@ class Counter:
                 self._flock(fd)
                 if still_named(dirfd, self._name, os.fstat(fd)):
                     return fd
+            except OSError as exc:
+                os.close(fd)
+                raise CounterUnusable(self.path, reason(exc)) from None
             except BaseException:
                 os.close(fd)
                 raise
@@ -136,8 +143,14 @@ class Counter:
         except BlockingIOError:
             pass
         deadline = time.monotonic() + _FLOCK_PATIENCE
-        if not self._watch.call_until(lambda: fcntl.flock(fd, fcntl.LOCK_EX), deadline):
-            raise CounterUnusable(self.path, "another process has kept it locked too long")
+        if self._watch.call_until(lambda: fcntl.flock(fd, fcntl.LOCK_EX), deadline):
+            return
+        try:  # the deadline may have cut in just as the flock was granted
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CounterUnusable(
+                self.path, "another process has kept it locked too long"
+            ) from None
 
     def _open_existing(self, dirfd: int) -> int | None:
         try:
@@ -146,7 +159,11 @@ class Counter:
             return None
         except OSError as exc:
             raise CounterUnusable(self.path, reason(exc)) from None
-        st = os.fstat(fd)
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            os.close(fd)
+            raise CounterUnusable(self.path, reason(exc)) from None
         why = check_ours(st) or (f"has {st.st_nlink} hard links" if st.st_nlink > 1 else None)
         if why:
             os.close(fd)
