@@ -316,7 +316,7 @@ class FileLock:
         assert fd is not None
         try:
             deadline = time.monotonic() + grace
-            while not self._try_exclusive(fd, ident):
+            while not self._try_exclusive(fd):
                 # What the command started still holds it: processes that are dying with it,
                 # or ones that live on. Give the first kind a moment; leave it to the second.
                 if time.monotonic() >= deadline:
@@ -333,13 +333,13 @@ class FileLock:
             self._discard_record()
 
     @staticmethod
-    def _try_exclusive(fd: int, ident: os.stat_result) -> bool:
-        """Make our shared flock exclusive if nothing else holds the lock, keeping it shared
-        if something does. Linux drops the old flock before it tries the new one, so a
-        failed attempt would leave the lock unheld for a moment, and a newcomer could take
-        a live lock for a stale one: where /proc/locks tells, look before trying."""
-        if _other_flocks(ident):
-            return False
+    def _try_exclusive(fd: int) -> bool:
+        """Make our shared flock exclusive if nothing else holds the lock, else keep it
+        shared. Linux drops the old flock before it tries the new one, so after a failed
+        attempt a newcomer may win the flock for a moment; it then finds our record's runner
+        alive and backs off, never taking a live lock for a stale one. (/proc/locks would
+        tell without trying, but reading it stalls every flock on the machine for an RCU
+        grace period: milliseconds.)"""
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
@@ -370,19 +370,6 @@ class FileLock:
         if self._busy_fd is not None:
             os.close(self._busy_fd)
             self._busy_fd = None
-
-
-def _other_flocks(ident: os.stat_result) -> bool:
-    """Whether more than one flock is held on the file ``ident`` (ours and another), by
-    /proc/locks; False where that cannot be read, and the caller then just tries."""
-    key = f" {os.major(ident.st_dev):02x}:{os.minor(ident.st_dev):02x}:{ident.st_ino} "
-    try:
-        with open("/proc/locks", "rb") as f:
-            text = f.read().decode("ascii", "replace")
-    except OSError:
-        return False
-    held = [line for line in text.splitlines() if key in line and "->" not in line]
-    return len([line for line in held if " FLOCK " in line]) > 1
 
 
 __all__ = ["FileLock"]
