@@ -53,10 +53,15 @@ def _unescape(value: str) -> str:
 
 def _read_small(path: str) -> str | None:
     try:
-        with open(path, "rb") as f:
-            return f.read(4096).decode("ascii", "replace")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        return os.read(fd, 4096).decode("ascii", "replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _number(text: str | None, kind: type[N]) -> N | None:

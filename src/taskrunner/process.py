@@ -96,7 +96,7 @@ class Child:
     def __init__(
         self,
         argv: list[str],
-        env: dict[str, str],
+        env: dict[bytes, bytes],
         *,
         path: str | None = None,
         pass_fds: tuple[int, ...] = (),
@@ -137,7 +137,8 @@ class Child:
                 if exc.errno != errno.ENOEXEC or self._path is not None:
                     raise
                 # A script without #!: run it with sh, as execvp and shells do.
-                script = _find(self.argv[0], self._env.get("PATH", os.defpath))
+                search = os.fsdecode(self._env.get(b"PATH", os.defpath.encode()))
+                script = _find(self.argv[0], search)
                 self.pid = self._spawn("/bin/sh", ["sh", script, *self.argv[1:]])
         except Interrupted:
             self._restore_mask()

@@ -49,6 +49,12 @@ class Reporter:
         if syslog:
             self._open_syslog()
 
+    def wants(self, level: int) -> bool:
+        """Whether a line of ``level`` goes anywhere (to skip building one that would not)."""
+        return level >= self.stderr_level or (
+            level >= self.sink_level and (self._log_fd is not None or self._syslog is not None)
+        )
+
     def debug(self, event: str, message: str, **fields: object) -> None:
         self.emit(DEBUG, event, message, fields)
 

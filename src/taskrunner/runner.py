@@ -12,7 +12,7 @@ import time
 from taskrunner.errors import CannotRun, Interrupted, LockBusy, Unusable
 from taskrunner.holder import Holder, format_age
 from taskrunner.process import Child, has_terminal
-from taskrunner.report import Reporter
+from taskrunner.report import DEBUG, Reporter
 from taskrunner.signals import SignalWatch, signal
 
 TYPE_CHECKING = False
@@ -204,9 +204,9 @@ def _refuse(
 
 
 def _execute(job: Job, lock: LockBackend, watch: SignalWatch, reporter: Reporter) -> Result:
-    env = dict(os.environ)
-    env["TASKRUNNER_LOCKFILE"] = os.path.abspath(job.lockfile)
-    env["TASKRUNNER_NAME"] = job.name
+    env = dict(os.environb)  # bytes: no decoding and encoding back of every variable
+    env[b"TASKRUNNER_LOCKFILE"] = os.fsencode(os.path.abspath(job.lockfile))
+    env[b"TASKRUNNER_NAME"] = os.fsencode(job.name)
     child = Child(
         ["sh", "-c", job.argv[0]] if job.shell else job.argv,
         env,
@@ -223,7 +223,8 @@ def _execute(job: Job, lock: LockBackend, watch: SignalWatch, reporter: Reporter
     started = time.monotonic()
     child.start()
     lock.note_command(child.pid)
-    reporter.debug("start", f"started {job.command_text!r} as pid {child.pid}")
+    if reporter.wants(DEBUG):
+        reporter.debug("start", f"started {job.command_text!r} as pid {child.pid}")
     outcome = child.wait(job.timeout, job.kill_after, watch.pending)
     took = f"{time.monotonic() - started:.3f}s"
     if outcome.timed_out:
