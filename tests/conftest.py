@@ -71,6 +71,19 @@ def hold(lock: Path, go: Path, *options: str) -> subprocess.Popen[str]:
     return proc
 
 
+def leave_stale(lock: Path) -> int:
+    """Make ``lock`` stale as kill -9 of a run and its command does; the dead run's pid."""
+    proc = start("-l", str(lock), "--", "sleep", "60")
+    wait_for(lambda: children(proc.pid), "the command")
+    (command,) = children(proc.pid)
+    proc.kill()
+    kill_group(command)
+    proc.wait()
+    wait_for(lambda: not alive(command), "the command to die")
+    assert lock.exists(), "kill -9 leaves the lock file behind"
+    return proc.pid
+
+
 def probe(log: Path, go: Path | None = None, tag: str = "$$") -> str:
     """A shell command that appends ``start TAG`` and ``end TAG`` to ``log`` (O_APPEND:
     each line lands whole), waiting between the two until ``go`` exists."""

@@ -23,7 +23,7 @@ from conftest import (
     children,
     finish,
     hold,
-    kill_group,
+    leave_stale,
     overlaps,
     probe,
     run,
@@ -126,26 +126,16 @@ def test_empty_file_is_a_manual_hold_and_wait_does_not_wait_for_it(lockdir: Path
     assert lock.exists()
 
 
-def test_stale_lock_of_a_killed_holder_and_command_is_taken_over(
-    lockdir: Path, tmp_path: Path, procs
-):
+def test_stale_lock_of_a_killed_holder_and_command_is_taken_over(lockdir: Path, tmp_path: Path):
     lock, ran = lockdir / "job.lock", tmp_path / "ran"
-    proc = start("-l", str(lock), "--", "sleep", "60")
-    procs.append(proc)
-    wait_for(lambda: children(proc.pid), "the command")
-    (command,) = children(proc.pid)
-    proc.kill()
-    kill_group(command)
-    proc.wait()
-    wait_for(lambda: not alive(command), "the command to die")
-    assert lock.exists(), "kill -9 leaves the lock file behind"
+    dead = leave_stale(lock)
     result = run("-l", str(lock), "-c", f"touch {ran}")
     assert result.returncode == 0
     assert ran.exists()
     (warning,) = result.stderr.splitlines()
     assert warning.startswith("taskrunner: warning: ")
     assert f"stale lock {lock}" in warning
-    assert f"pid {proc.pid} on {socket.gethostname()}" in warning
+    assert f"pid {dead} on {socket.gethostname()}" in warning
     assert "sleep 60" in warning
     assert list(lockdir.iterdir()) == []
 
@@ -186,14 +176,7 @@ def test_killing_the_runner_alone_keeps_the_lock_until_its_command_ends(
 
 def test_many_runs_finding_one_stale_lock_take_it_over_once(lockdir: Path, tmp_path: Path, procs):
     lock, log, go = lockdir / "job.lock", tmp_path / "log", tmp_path / "go"
-    proc = start("-l", str(lock), "--", "sleep", "60")
-    procs.append(proc)
-    wait_for(lambda: children(proc.pid), "the command")
-    (command,) = children(proc.pid)
-    proc.kill()
-    kill_group(command)
-    proc.wait()
-    wait_for(lambda: not alive(command), "the command to die")
+    leave_stale(lock)
     contenders = [start("-l", str(lock), "-c", probe(log, go)) for _ in range(30)]
     procs.extend(contenders)
     wait_for(lambda: sum(p.poll() is not None for p in contenders) == 29, "29 refusals")
