@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import alive, blocked_in_flock, children, finish, hold, probe, run, start, wait_for
+from conftest import (
+    TASKRUNNER,
+    alive,
+    blocked_in_flock,
+    children,
+    finish,
+    hold,
+    probe,
+    run,
+    start,
+    wait_for,
+)
 
 SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT]
 
@@ -110,9 +123,11 @@ def test_processes_the_command_leaves_holding_the_lock_keep_it(
     assert run("-l", str(lock), "-c", probe(log, None, "next")).returncode == 75
     go.touch()
     wait_for(lambda: "end left" in log.read_text(), "the background process to end")
-    later = run("-l", str(lock), "-c", probe(log, None, "later"))
+    later = run("-v", "-l", str(lock), "-c", probe(log, None, "later"))
     assert later.returncode == 0
-    assert "removed the stale lock" in later.stderr
+    # Its run ended normally and warned then; the takeover is news, not a warning.
+    assert "warning" not in later.stderr
+    assert "which processes left by the command" in later.stderr
     assert log.read_text().split() == [
         "start",
         "left",
@@ -170,3 +185,19 @@ def test_signals_ignored_at_start_stay_ignored(lockdir: Path, tmp_path: Path, pr
     proc.send_signal(signal.SIGHUP)
     assert finish(proc)[0] == 0
     assert not got.exists()
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_a_signal_just_before_the_command_starts_stops_the_run(lockdir: Path, tmp_path: Path):
+    """TERM arrives when the lock is taken but the command not yet started (injected at
+    taskrunner's look for a terminal, just before the start): the command must not run."""
+    lock, ran = lockdir / "job.lock", tmp_path / "ran"
+    result = subprocess.run(
+        ["strace", "-f", "-qq", "-o", "/dev/null", "-P", "/dev/tty", "-e", "trace=openat",
+         "-e", "inject=openat:signal=SIGTERM", *TASKRUNNER, "-v", "-l", str(lock), "-c", f"touch {ran}"],
+        capture_output=True, text=True, timeout=60, start_new_session=True,
+    )  # fmt: skip
+    assert result.returncode == 143
+    assert "not run: signal 15 arrived first" in result.stderr
+    assert not ran.exists()
+    assert list(lockdir.iterdir()) == []

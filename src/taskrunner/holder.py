@@ -9,13 +9,17 @@ Format (version 1), UTF-8 text, one ``key value`` pair a line after a fixed firs
     proc_start 1234567
     started 1764860000.123
     command backup.sh --full
+    pidns 4026531836
+    lockfile /var/lock/backup.lock
     command_pid 4243
     command_start 1234570
 
-``pid`` is the runner's; ``command_pid`` the command's, added once it has started.
+``pid`` is the runner's; ``command_pid`` the command's, added once it has started; ``ended``
+(a time) once the runner has ended and left the lock to what the command started.
 ``proc_start`` and ``command_start`` are their start times in clock ticks after boot (field 22
-of ``/proc/PID/stat``); with ``boot_id`` they tell a live process from a reused pid. Values
-escape backslash, newline and carriage return. Readers ignore keys they do not know.
+of ``/proc/PID/stat``); with ``boot_id`` and the pid namespace (``pidns``) they tell a live
+process from a reused pid. ``lockfile`` is the path the command got in its environment.
+Values escape backslash, newline and carriage return. Readers ignore keys they do not know.
 """
 
 from __future__ import annotations
@@ -71,6 +75,17 @@ def _number(text: str | None, kind: type[N]) -> N | None:
         return None
 
 
+def _pid(text: str | None) -> int | None:
+    pid = _number(text, int)
+    return pid if pid is not None and 0 < pid < _PID_MAX else None
+
+
+def _time(text: str | None) -> float | None:
+    """A Unix time; None for one no clock shows (NaN, infinite, negative, centuries off)."""
+    value = _number(text, float)
+    return value if value is not None and 0 <= value < 1e11 else None
+
+
 def boot_id() -> str | None:
     """This boot's random id (Linux), or None where the kernel does not give one."""
     text = _read_small("/proc/sys/kernel/random/boot_id")
@@ -93,9 +108,22 @@ def process_start(pid: int) -> int | None:
         return None
 
 
+_PID_MAX = 1 << 22  # the kernel's limit for any pid
+
+
+def pid_namespace() -> int | None:
+    """This process's pid namespace (Linux), or None."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
 def running(pid: int, start: int | None) -> bool:
     """Whether process ``pid``, started at ``start`` (if known), runs on this host now. A
     zombie does not: it has ended, only its parent has not noticed."""
+    if not 0 < pid < _PID_MAX:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -103,12 +131,39 @@ def running(pid: int, start: int | None) -> bool:
     except PermissionError:
         pass
     fields = _stat(pid)
-    if fields is None:  # no /proc: the pid exists, and that is all there is to know
-        return True
+    if fields is None:  # no such entry in /proc, or no /proc: the pid is all there is
+        return not os.path.isdir("/proc/self")
     try:
         return fields[0] != "Z" and (start is None or int(fields[19]) == start)
     except (IndexError, ValueError):
         return True
+
+
+def command_of(lockfile: str, since: int) -> bool:
+    """Whether a process started at or after ``since`` has ``TASKRUNNER_LOCKFILE`` set to
+    ``lockfile``: a command whose runner died before it could record the command's pid."""
+    wanted = b"TASKRUNNER_LOCKFILE=" + os.fsencode(lockfile)
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return False
+    for pid in pids:
+        fields = _stat(pid)
+        try:
+            if not fields or fields[0] == "Z" or int(fields[19]) < since:
+                continue
+            fd = os.open(f"/proc/{pid}/environ", os.O_RDONLY | os.O_CLOEXEC)
+        except (OSError, IndexError, ValueError):
+            continue
+        try:
+            environ = os.read(fd, 1 << 20)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        if wanted in environ.split(b"\0"):
+            return True
+    return False
 
 
 def format_age(seconds: float) -> str:
@@ -127,8 +182,8 @@ class Holder:
     """Who holds (or held) a lock: enough to name it in a report and to judge it alive."""
 
     __slots__ = (
-        "boot_id", "command", "command_pid", "command_start", "host", "pid", "proc_start",
-        "started",
+        "boot_id", "command", "command_pid", "command_start", "ended", "host", "lockfile",
+        "pid", "pidns", "proc_start", "started",
     )  # fmt: skip
 
     def __init__(
@@ -146,14 +201,21 @@ class Holder:
         self.command = command
         self.boot_id = boot_id
         self.proc_start = proc_start
+        self.pidns: int | None = None
+        self.lockfile: str | None = None
         self.command_pid: int | None = None
         self.command_start: int | None = None
+        self.ended: float | None = None
 
     @classmethod
-    def current(cls, command: str) -> Holder:
-        """The record for this process, about to run ``command``."""
+    def current(cls, command: str, lockfile: str | None = None) -> Holder:
+        """The record for this process, about to run ``command`` with ``lockfile`` in its
+        environment."""
         pid = os.getpid()
-        return cls(pid, os.uname().nodename, time.time(), command, boot_id(), process_start(pid))
+        holder = cls(pid, os.uname().nodename, time.time(), command, boot_id(), process_start(pid))
+        holder.pidns = pid_namespace()
+        holder.lockfile = lockfile
+        return holder
 
     def encode(self) -> bytes:
         lines = [f"pid {self.pid}", f"host {_escape(self.host)}"]
@@ -166,10 +228,16 @@ class Holder:
         if len(command) > _MAX_COMMAND:
             command = command[: _MAX_COMMAND - 3] + "..."
         lines.append(f"command {_escape(command)}")
+        if self.pidns is not None:
+            lines.append(f"pidns {self.pidns}")
+        if self.lockfile is not None:
+            lines.append(f"lockfile {_escape(self.lockfile)}")
         if self.command_pid is not None:
             lines.append(f"command_pid {self.command_pid}")
         if self.command_start is not None:
             lines.append(f"command_start {self.command_start}")
+        if self.ended is not None:
+            lines.append(f"ended {self.ended:.3f}")
         body = "\n".join(lines) + "\n"
         return MAGIC + body.encode("utf-8", "surrogateescape")
 
@@ -186,27 +254,41 @@ class Holder:
             if key:
                 fields[key] = _unescape(value)
         holder = cls(
-            pid=_number(fields.get("pid"), int) or 0,
+            pid=_pid(fields.get("pid")) or 0,
             host=fields.get("host", "?"),
-            started=_number(fields.get("started"), float) or 0.0,
+            started=_time(fields.get("started")) or 0.0,
             command=fields.get("command", "?"),
             boot_id=fields.get("boot_id") or None,
             proc_start=_number(fields.get("proc_start"), int),
         )
-        holder.command_pid = _number(fields.get("command_pid"), int)
+        holder.pidns = _number(fields.get("pidns"), int)
+        holder.lockfile = fields.get("lockfile") or None
+        holder.command_pid = _pid(fields.get("command_pid"))
         holder.command_start = _number(fields.get("command_start"), int)
+        holder.ended = _time(fields.get("ended"))
         return holder
 
     def is_alive(self) -> bool | None:
-        """Whether the runner or its command still runs: None when that cannot be told from
-        here (another host)."""
-        if self.host != os.uname().nodename:
+        """Whether the runner, or the command it started, still runs. None when that cannot
+        be told from here: another machine, or a record without the start times that tell a
+        process from one that reused its pid."""
+        here = boot_id()
+        if self.boot_id is None or here is None or self.proc_start is None:
             return None
-        if self.boot_id is not None and self.boot_id != boot_id():
-            return False
-        if self.pid > 0 and running(self.pid, self.proc_start):
-            return True
-        return self.command_pid is not None and running(self.command_pid, self.command_start)
+        if self.boot_id != here:  # another boot: nothing recorded runs here any more
+            return None if self.host != os.uname().nodename else False
+        # The same boot of the same kernel, whatever the host is called now.
+        same_pids = self.pidns is None or self.pidns == pid_namespace()
+        if same_pids:
+            if running(self.pid, self.proc_start):
+                return True
+            if self.command_pid is not None and self.command_start is not None:
+                return running(self.command_pid, self.command_start)
+        # The runner died before it recorded its command's pid, or its pids are another pid
+        # namespace's: look for the command by the path it was given, whatever its pid.
+        if self.ended is None and self.lockfile is not None:
+            return command_of(self.lockfile, self.proc_start)
+        return False if same_pids else None
 
     def describe(self, when: str = "") -> str:
         """``pid 4242 on web1 for 3m12s (command 'backup.sh')``, ``when`` being the middle."""

@@ -300,10 +300,15 @@ class FileLock:
             return
         self._holder.command_pid = pid
         self._holder.command_start = process_start(pid)
+        self._rewrite(self._fd, self._holder)
+
+    @staticmethod
+    def _rewrite(fd: int, holder: Holder) -> None:
+        """Rewrite our record in place: it only grows, so no reader sees it cut short."""
         try:
-            os.pwrite(self._fd, self._holder.encode(), 0)  # longer than before: no truncate
+            os.pwrite(fd, holder.encode(), 0)
         except OSError:
-            pass  # the runner's flock and the inherited one still hold the lock
+            pass  # the flocks still hold the lock; the record is what a reader is told
 
     def release(self, grace: float = 0.0) -> bool:
         ident, self._ident = self._ident, None
@@ -318,8 +323,12 @@ class FileLock:
             deadline = time.monotonic() + grace
             while not self._try_exclusive(fd):
                 # What the command started still holds it: processes that are dying with it,
-                # or ones that live on. Give the first kind a moment; leave it to the second.
+                # or ones that live on. Give the first kind a moment; leave it to the second,
+                # saying in the record that the run itself has ended.
                 if time.monotonic() >= deadline:
+                    if self._holder is not None:
+                        self._holder.ended = time.time()
+                        self._rewrite(fd, self._holder)
                     return False
                 time.sleep(_POLL)
             # Remove the path only while it is still ours, and while we hold the flock:

@@ -155,6 +155,13 @@ class Child:
     def _spawn(self, path: str | None, argv: list[str]) -> int:
         """Start ``argv`` (``path``, or ``argv[0]`` looked up in PATH), with the signal mask
         taskrunner was started with."""
+        # A termination signal that came before the command exists means it must not run
+        # (and with a terminal, one of the terminal's would otherwise reach nobody).
+        early = signal.sigpending() & (self._waited - {signal.SIGCHLD})
+        if early:
+            sig = min(early)
+            signal.sigtimedwait({sig}, 0)
+            raise Interrupted(sig)
         mask = self._saved_mask or set()
         if not self.own_group:
             return self._fork_exec(path, argv, mask)
@@ -168,13 +175,6 @@ class Child:
         """fork and exec, for a command in the terminal's job. posix_spawn's vfork would
         leave us unable to stop while the new process waits to exec: a Ctrl-Z at that
         moment would stop the command but not us, and the shell would wait forever."""
-        # The terminal's signals reach the command by themselves, so they are not passed on;
-        # one that came just before the command exists would reach nobody: act on it here.
-        early = signal.sigpending() & {signal.SIGINT, signal.SIGQUIT, signal.SIGHUP}
-        if early:
-            sig = min(early)
-            signal.sigtimedwait({sig}, 0)
-            raise Interrupted(sig)
         report, errors = os.pipe()  # close-on-exec: an exec that works closes it
         pid = os.fork()
         if pid == 0:  # pragma: no cover (the child)

@@ -130,7 +130,7 @@ def run(job: Job, lock: LockBackend, reporter: Reporter) -> Result:
 def _acquire(
     job: Job, lock: LockBackend, counter: Counter | None, watch: SignalWatch, reporter: Reporter
 ) -> None:
-    holder = Holder.current(job.command_text)
+    holder = Holder.current(job.command_text, os.path.abspath(job.lockfile))
     deadline = time.monotonic() + job.wait
 
     def attempt() -> None:
@@ -155,13 +155,26 @@ def _acquire(
             dead = lock.recovered
             if dead is not None:
                 lock.recovered = None
-                reporter.warning(
-                    "stale",
-                    f"{job.name}: removed the stale lock {lock.description} of "
-                    f"{dead.describe(f'started {dead.age()} ago')}, which is gone",
-                    holder_pid=dead.pid,
-                    holder_host=dead.host,
-                )
+                _report_takeover(job, lock, dead, reporter)
+
+
+def _report_takeover(job: Job, lock: LockBackend, dead: Holder, reporter: Reporter) -> None:
+    fields: dict[str, object] = {"holder_pid": dead.pid, "holder_host": dead.host}
+    if dead.ended is not None:
+        # Its run ended normally and said so; what the command left behind is gone now.
+        reporter.info(
+            "stale",
+            f"{job.name}: removed {lock.description}, which processes left by the command "
+            f"of {dead.describe()} held after it ended; they are gone",
+            **fields,
+        )
+        return
+    reporter.warning(
+        "stale",
+        f"{job.name}: removed the stale lock {lock.description} of "
+        f"{dead.describe(f'started {dead.age()} ago')}, which is gone",
+        **fields,
+    )
 
 
 def _refuse(
