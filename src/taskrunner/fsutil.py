@@ -57,9 +57,11 @@ def open_parent(path: str, error: type[Unusable]) -> tuple[int, str]:
     """A descriptor for the directory of ``path``, and the file name within it; raises
     ``error`` if there is no such directory or ``path`` names no file.
 
-    The directory is reached one component at a time. A symlink on the way is followed only
-    if it belongs to root or to the user taskrunner runs as: ``/var/run -> /run`` is fine,
-    a link another user planted in /tmp could send root's lock and counter anywhere."""
+    The directory is reached one component at a time, and every directory on the way must
+    belong to root or to the user taskrunner runs as, and be sticky if others may write to it
+    (as /tmp is): whoever else controls a directory can rename our files away and put their
+    own in place. A symlink on the way is followed only if it belongs to root or to that
+    user: ``/var/run -> /run`` is fine, one planted in /tmp could send the files anywhere."""
     head, name = os.path.split(path)
     head = head or "."
     if name in ("", ".", ".."):
@@ -75,10 +77,12 @@ _MAX_LINKS = 40  # as the kernel allows in one lookup
 
 
 def _walk(head: str, path: str, error: type[Unusable]) -> int:
-    fd = os.open("/" if head.startswith("/") else ".", _DIR_FLAGS)
+    where = "/" if head.startswith("/") else "."
+    fd = os.open(where, _DIR_FLAGS)
     todo = [p for p in head.split("/") if p not in ("", ".")]
     links = 0
     try:
+        _check_dir(fd, where, path, error)
         while todo:
             part = todo.pop(0)
             try:
@@ -101,15 +105,27 @@ def _walk(head: str, path: str, error: type[Unusable]) -> int:
                     os.close(fd)
                     fd = -1
                     fd = os.open("/", _DIR_FLAGS)
+                    where = "/"
                 todo[:0] = [p for p in target.split("/") if p not in ("", ".")]
                 continue
             os.close(fd)
             fd = step
+            where = os.path.join(where, part)
+            _check_dir(fd, where, path, error)
         return fd
     except BaseException:
         if fd >= 0:
             os.close(fd)
         raise
+
+
+def _check_dir(fd: int, where: str, path: str, error: type[Unusable]) -> None:
+    st = os.fstat(fd)
+    shown = "the current directory" if where == "." else f"directory {where}"
+    if st.st_uid not in (0, os.geteuid()):
+        raise error(path, f"{shown} belongs to uid {st.st_uid}, who could swap the files in it")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        raise error(path, f"{shown} may be written by others and is not sticky")
 
 
 def check_ours(st: os.stat_result) -> str | None:

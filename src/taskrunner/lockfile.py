@@ -98,7 +98,9 @@ class FileLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = Holder.decode(os.pread(fd, _READ_LIMIT, 0))
-                if holder is None and st.st_nlink > 1:
+                # A lock has one link, but for a moment where records need names of their own
+                # (no O_TMPFILE). More is someone's hard link to another file: say so.
+                if st.st_nlink > 1 and (holder is None or self._anonymous):
                     raise LockUnusable(self.path, f"has {st.st_nlink} hard links") from None
                 self._busy_fd = fd
                 raise LockBusy(self.path, holder, st.st_mtime) from None
