@@ -19,6 +19,7 @@ from taskrunner.errors import CounterUnusable
 from taskrunner.fsutil import (
     OPEN_FLAGS,
     check_ours,
+    close,
     open_parent,
     reason,
     still_named,
@@ -78,7 +79,7 @@ class Counter:
             self._replace(count)
             return count, False
         finally:
-            os.close(fd)
+            close(fd)
 
     def reset_around(self, attempt: Callable[[], None]) -> None:
         """Run ``attempt`` (taking the lock) and, if it succeeds, reset the count, holding
@@ -89,19 +90,20 @@ class Counter:
             attempt()
             if fd is not None:
                 self._remove()
+                self._discard_temp()
         finally:
             if fd is not None:
-                os.close(fd)
+                close(fd)
 
     def check(self) -> None:
         """Raise :class:`CounterUnusable` if the counter path cannot be used."""
         fd = self._open_existing(self._open_dir())
         if fd is not None:
-            os.close(fd)
+            close(fd)
 
     def close(self) -> None:
         if self._dirfd is not None:
-            os.close(self._dirfd)
+            close(self._dirfd)
             self._dirfd = None
 
     def _hold(self, create: bool) -> int | None:
@@ -128,12 +130,12 @@ class Counter:
                 if still_named(dirfd, self._name, os.fstat(fd)):
                     return fd
             except OSError as exc:
-                os.close(fd)
+                close(fd)
                 raise CounterUnusable(self.path, reason(exc)) from None
             except BaseException:
-                os.close(fd)
+                close(fd)
                 raise
-            os.close(fd)
+            close(fd)
         raise CounterUnusable(self.path, "the counter file keeps changing")
 
     def _flock(self, fd: int) -> None:
@@ -162,11 +164,11 @@ class Counter:
         try:
             st = os.fstat(fd)
         except OSError as exc:
-            os.close(fd)
+            close(fd)
             raise CounterUnusable(self.path, reason(exc)) from None
         why = check_ours(st) or (f"has {st.st_nlink} hard links" if st.st_nlink > 1 else None)
         if why:
-            os.close(fd)
+            close(fd)
             raise CounterUnusable(self.path, why)
         return fd
 
@@ -179,7 +181,7 @@ class Counter:
                 write_all(fd, b"%d\n" % count)
                 os.fsync(fd)
             finally:
-                os.close(fd)
+                close(fd)
             os.rename(self._tempname, self._name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
         except OSError as exc:
             try:
@@ -210,6 +212,15 @@ class Counter:
             except OSError as exc:
                 raise CounterUnusable(self.path, f"{self._tempname}: {reason(exc)}") from None
         raise CounterUnusable(self.path, f"{self._tempname} keeps reappearing")
+
+    def _discard_temp(self) -> None:
+        """Remove a temp file a crashed holder left (only the flock holder may)."""
+        dirfd = self._open_dir()
+        try:
+            if check_ours(os.stat(self._tempname, dir_fd=dirfd, follow_symlinks=False)) is None:
+                os.unlink(self._tempname, dir_fd=dirfd)
+        except OSError:
+            pass
 
     def _remove(self) -> None:
         """Reset to 0 by removing the file (absent means 0). Caller holds the flock."""

@@ -38,6 +38,15 @@ def reason(exc: OSError) -> str:
     return _REASONS.get(exc.errno) or os.strerror(exc.errno).lower()
 
 
+def close(fd: int) -> None:
+    """Close ``fd``, whatever close says: Linux frees the descriptor even when it reports EIO
+    or EINTR, and our files are synced before, or only read."""
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
 def kind(mode: int) -> str:
     """What a file of this mode is, for a refusal message."""
     if stat.S_ISDIR(mode):
@@ -102,20 +111,20 @@ def _walk(head: str, path: str, error: type[Unusable]) -> int:
                     raise OSError(errno.ELOOP, os.strerror(errno.ELOOP)) from None
                 target = os.readlink(part, dir_fd=fd)
                 if target.startswith("/"):
-                    os.close(fd)
+                    close(fd)
                     fd = -1
                     fd = os.open("/", _DIR_FLAGS)
                     where = "/"
                 todo[:0] = [p for p in target.split("/") if p not in ("", ".")]
                 continue
-            os.close(fd)
+            close(fd)
             fd = step
             where = os.path.join(where, part)
             _check_dir(fd, where, path, error)
         return fd
     except BaseException:
         if fd >= 0:
-            os.close(fd)
+            close(fd)
         raise
 
 

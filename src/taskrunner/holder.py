@@ -27,6 +27,8 @@ from __future__ import annotations
 import os
 import time
 
+from taskrunner.fsutil import close
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import TypeVar
@@ -65,7 +67,7 @@ def _read_small(path: str) -> str | None:
     except OSError:
         return None
     finally:
-        os.close(fd)
+        close(fd)
 
 
 def _number(text: str | None, kind: type[N]) -> N | None:
@@ -160,7 +162,7 @@ def command_of(lockfile: str, since: int) -> bool:
         except OSError:
             continue
         finally:
-            os.close(fd)
+            close(fd)
         if wanted in environ.split(b"\0"):
             return True
     return False

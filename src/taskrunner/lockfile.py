@@ -26,6 +26,7 @@ from taskrunner.errors import LockBusy, LockUnusable
 from taskrunner.fsutil import (
     OPEN_FLAGS,
     check_ours,
+    close,
     open_parent,
     reason,
     still_named,
@@ -83,7 +84,7 @@ class FileLock:
                 self._inspect(dirfd, fd)
             finally:
                 if fd != self._busy_fd:
-                    os.close(fd)
+                    close(fd)
         raise LockUnusable(self.path, "the lock file keeps changing")
 
     def _inspect(self, dirfd: int, fd: int) -> None:
@@ -155,7 +156,15 @@ class FileLock:
             raise LockUnusable(self.path, "no such file or directory") from None
         except OSError as exc:
             raise LockUnusable(self.path, reason(exc)) from None
-        self._ident = os.fstat(self._fd)
+        try:
+            self._ident = os.fstat(self._fd)
+        except OSError as exc:
+            # Linked, but we cannot say it is ours: take it back out while we still can.
+            try:
+                os.unlink(self._name, dir_fd=dirfd)
+            except OSError:
+                pass
+            raise LockUnusable(self.path, reason(exc)) from None
         if time.time() - holder.started > _FRESH:
             self._renew_start(self._fd, holder)
         if self._tempname is not None:
@@ -174,7 +183,7 @@ class FileLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError as exc:
-            os.close(fd)
+            close(fd)
             raise LockUnusable(self.path, reason(exc)) from None
         return fd
 
@@ -200,7 +209,7 @@ class FileLock:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError as exc:
             if fd >= 0:
-                os.close(fd)
+                close(fd)
             self._discard_tempname(dirfd)
             raise LockUnusable(self.path, reason(exc)) from None
         self._write_record(dirfd, fd, holder)
@@ -226,7 +235,7 @@ class FileLock:
             # manual hold and stop the job until someone noticed.
             os.fdatasync(fd)
         except OSError as exc:
-            os.close(fd)
+            close(fd)
             self._fd = None
             self._discard_tempname(dirfd)
             raise LockUnusable(self.path, reason(exc)) from None
@@ -241,7 +250,7 @@ class FileLock:
 
     def _discard_record(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
+            close(self._fd)
             self._fd = None
         if self._tempname is not None and self._dirfd is not None:
             self._discard_tempname(self._dirfd)
@@ -271,7 +280,7 @@ class FileLock:
             except OSError:
                 pass
             finally:
-                os.close(fd)
+                close(fd)
 
     # -- waiting, holding, releasing ---------------------------------------------------
 
@@ -317,7 +326,7 @@ class FileLock:
         if ident is None:
             return True
         if self._command_fd is not None:
-            os.close(self._command_fd)
+            close(self._command_fd)
             self._command_fd = None
         fd = self._fd
         assert fd is not None
@@ -369,7 +378,7 @@ class FileLock:
             self._drop_busy()
             self._discard_record()
             if self._dirfd is not None:
-                os.close(self._dirfd)
+                close(self._dirfd)
                 self._dirfd = None
 
     def _open_dir(self) -> int:
@@ -379,7 +388,7 @@ class FileLock:
 
     def _drop_busy(self) -> None:
         if self._busy_fd is not None:
-            os.close(self._busy_fd)
+            close(self._busy_fd)
             self._busy_fd = None
 
 

@@ -18,6 +18,7 @@ import os
 import time
 
 from taskrunner.errors import CannotRun, Interrupted
+from taskrunner.fsutil import close
 from taskrunner.holder import process_start, running
 from taskrunner.signals import signal
 
@@ -193,7 +194,7 @@ class Child:
                 os.write(errors, b"%d" % (exc.errno or 0))
             finally:
                 os._exit(127)
-        os.close(errors)
+        close(errors)
         with open(report, "rb") as f:
             failed = f.read()
         if failed:

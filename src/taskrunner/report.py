@@ -100,7 +100,7 @@ class Reporter:
     def _open_log(self, path: str) -> None:
         """Open the log file for appending; it must be a regular file of ours with one link,
         as for the lock: a log in a shared directory must not write through someone's file."""
-        from taskrunner.fsutil import OPEN_FLAGS, check_ours, reason
+        from taskrunner.fsutil import OPEN_FLAGS, check_ours, close, reason
 
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | OPEN_FLAGS
         try:
@@ -108,10 +108,15 @@ class Reporter:
         except OSError as exc:
             self.warning("log", f"cannot open log file {path}: {reason(exc)}")
             return
-        st = os.fstat(fd)
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            close(fd)
+            self.warning("log", f"cannot use log file {path}: {reason(exc)}")
+            return
         why = check_ours(st) or (f"has {st.st_nlink} hard links" if st.st_nlink > 1 else None)
         if why:
-            os.close(fd)
+            close(fd)
             self.warning("log", f"cannot use log file {path}: it {why}")
             return
         self._log_fd = fd
@@ -121,8 +126,10 @@ class Reporter:
         try:
             os.write(self._log_fd, line.encode("utf-8", "backslashreplace"))
         except OSError as exc:
+            from taskrunner.fsutil import close
+
             fd, self._log_fd = self._log_fd, None
-            os.close(fd)
+            close(fd)
             self.warning("log", f"cannot write log file: {os.strerror(exc.errno or 0)}")
 
     def _open_syslog(self) -> None:
@@ -151,7 +158,9 @@ class Reporter:
 
     def close(self) -> None:
         if self._log_fd is not None:
-            os.close(self._log_fd)
+            from taskrunner.fsutil import close
+
+            close(self._log_fd)
             self._log_fd = None
         if self._syslog is not None:
             self._syslog.close()

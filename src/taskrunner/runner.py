@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import time
 
-from taskrunner.errors import CannotRun, Interrupted, LockBusy, Unusable
+from taskrunner.errors import CannotRun, Interrupted, LockBusy, LockUnusable, Unusable
+from taskrunner.fsutil import reason
 from taskrunner.holder import Holder, format_age
 from taskrunner.process import Child, has_terminal
 from taskrunner.report import DEBUG, Reporter
@@ -102,10 +103,14 @@ def run(job: Job, lock: LockBackend, reporter: Reporter) -> Result:
         counter = Counter(job.counter_file, watch)
     try:
         try:
-            _acquire(job, lock, counter, watch, reporter)
+            try:
+                where = os.path.abspath(job.lockfile)
+            except OSError as exc:  # a relative path, and the current directory is gone
+                raise LockUnusable(job.lockfile, reason(exc)) from None
+            _acquire(job, where, lock, counter, watch, reporter)
         except LockBusy as busy:
             return Result(_refuse(job, lock, busy, counter, reporter))
-        return _execute(job, lock, watch, reporter)
+        return _execute(job, where, lock, watch, reporter)
     except Unusable as exc:
         reporter.error("unusable", f"{job.name}: not run: {exc.path}: {exc.reason}")
         return Result(UNUSABLE)
@@ -128,9 +133,14 @@ def run(job: Job, lock: LockBackend, reporter: Reporter) -> Result:
 
 
 def _acquire(
-    job: Job, lock: LockBackend, counter: Counter | None, watch: SignalWatch, reporter: Reporter
+    job: Job,
+    where: str,
+    lock: LockBackend,
+    counter: Counter | None,
+    watch: SignalWatch,
+    reporter: Reporter,
 ) -> None:
-    holder = Holder.current(job.command_text, os.path.abspath(job.lockfile))
+    holder = Holder.current(job.command_text, where)
     deadline = time.monotonic() + job.wait
 
     def attempt() -> None:
@@ -216,9 +226,11 @@ def _refuse(
     return BUSY
 
 
-def _execute(job: Job, lock: LockBackend, watch: SignalWatch, reporter: Reporter) -> Result:
+def _execute(
+    job: Job, where: str, lock: LockBackend, watch: SignalWatch, reporter: Reporter
+) -> Result:
     env = dict(os.environb)  # bytes: no decoding and encoding back of every variable
-    env[b"TASKRUNNER_LOCKFILE"] = os.fsencode(os.path.abspath(job.lockfile))
+    env[b"TASKRUNNER_LOCKFILE"] = os.fsencode(where)
     env[b"TASKRUNNER_NAME"] = os.fsencode(job.name)
     child = Child(
         ["sh", "-c", job.argv[0]] if job.shell else job.argv,
