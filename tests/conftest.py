@@ -137,10 +137,13 @@ def blocked_in_flock(pid: int) -> bool:
 
 
 def kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    """SIGKILL to process group ``pgid`` and to process ``pgid`` itself: a command just
+    started may not have made its own group yet."""
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture
