@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -472,3 +473,38 @@ def test_a_symlinked_directory_planted_by_another_user_is_refused(tmp_path: Path
         assert "symlink, app, that belongs to uid 65534" in result.stderr
     assert (secret / "state").read_text() == "precious\n"
     assert sorted(p.name for p in secret.iterdir()) == ["state"]
+
+
+def test_a_network_file_system_is_named_with_what_holds_there(lockdir: Path, monkeypatch, capsys):
+    """Without O_TMPFILE (NFS, CIFS, many FUSE file systems) the record gets a name of its
+    own, and the log says what a lock there can promise."""
+    from taskrunner import cli, lockfile
+
+    real_open = os.open
+
+    def no_tmpfile(path, flags, *args, **kw):  # type: ignore[no-untyped-def]
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, "not supported")
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(lockfile.os, "open", no_tmpfile)
+    monkeypatch.setattr(lockfile, "filesystem", lambda fd: "nfs4")
+    assert cli.main(["-v", "-l", str(lockdir / "job.lock"), "--", "true"]) == 0
+    err = capsys.readouterr().err
+    assert "the lock is on nfs4: flock is carried by NFS byte-range locks" in err
+    assert list(lockdir.iterdir()) == []
+
+
+def test_file_system_types():
+    from taskrunner.fsutil import caveat, filesystem
+
+    fd = os.open("/proc", os.O_RDONLY)
+    try:
+        assert filesystem(fd) == "proc"
+    finally:
+        os.close(fd)
+    assert caveat("ext4") is None
+    assert caveat("tmpfs") is None
+    assert "across hosts" in caveat("nfs4")  # type: ignore[operator]
+    assert "only among processes of this host" in caveat("cifs")  # type: ignore[operator]
+    assert "only on this host" in caveat("fuse.sshfs")  # type: ignore[operator]

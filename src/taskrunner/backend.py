@@ -21,6 +21,8 @@ class LockBackend(Protocol):
     description: str
     #: The record of a dead holder whose lock the last attempt cleared, if it did.
     recovered: Holder | None
+    #: What the lock cannot promise where it is (a network file system), if anything.
+    caveat: str | None
 
     def try_acquire(self, holder: Holder) -> None:
         """Take the lock now, recording ``holder``; raise ``LockBusy`` if another run or a

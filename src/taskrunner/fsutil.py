@@ -47,6 +47,46 @@ def close(fd: int) -> None:
         pass
 
 
+_CAVEATS = {
+    "nfs": "flock is carried by NFS byte-range locks: it holds across hosts with NFSv4 (or "
+    "NFSv3 with lockd); a client cut off from the server can lose its lock without knowing",
+    "cifs": "flock on CIFS/SMB holds only among processes of this host, not across hosts",
+    "fuse": "flock on a FUSE file system holds only on this host, unless the file system "
+    "passes locks on to its server",
+}
+
+
+def filesystem(fd: int) -> str | None:
+    """The type of the file system ``fd`` is on, from /proc/self/mountinfo (Linux)."""
+    try:
+        dev = os.fstat(fd).st_dev
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    wanted = f"{os.major(dev)}:{os.minor(dev)}"
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 2 and fields[2] == wanted and "-" in fields:
+            after = fields[fields.index("-") + 1 :]
+            return after[0] if after else None
+    return None
+
+
+def caveat(fstype: str | None) -> str | None:
+    """What a lock on a file system of type ``fstype`` cannot promise, if anything."""
+    if fstype is None:
+        return None
+    family = (
+        "nfs"
+        if fstype.startswith("nfs")
+        else "cifs"
+        if fstype in ("cifs", "smb3")
+        else ("fuse" if fstype.startswith("fuse") else None)
+    )
+    return None if family is None else f"the lock is on {fstype}: {_CAVEATS[family]}"
+
+
 def kind(mode: int) -> str:
     """What a file of this mode is, for a refusal message."""
     if stat.S_ISDIR(mode):

@@ -25,8 +25,10 @@ import time
 from taskrunner.errors import LockBusy, LockUnusable
 from taskrunner.fsutil import (
     OPEN_FLAGS,
+    caveat,
     check_ours,
     close,
+    filesystem,
     open_parent,
     reason,
     still_named,
@@ -51,6 +53,7 @@ class FileLock:
         self.description = path
         self.path = path
         self.recovered: Holder | None = None
+        self.caveat: str | None = None
         self._name = os.path.basename(path)
         self._dirfd: int | None = None
         self._fd: int | None = None  # our record: prepared, then linked at the path
@@ -198,6 +201,8 @@ class FileLock:
                     if exc.errno not in _TMPFILE_UNSUPPORTED:
                         raise
                     self._anonymous = False
+                    # Network file systems cannot make anonymous files: say what holds there.
+                    self.caveat = caveat(filesystem(dirfd))
             if fd < 0:
                 self._tempname = f".{self._name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
                 fd = os.open(

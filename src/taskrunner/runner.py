@@ -155,6 +155,8 @@ def _acquire(
                 counter.reset_around(attempt)
             else:
                 attempt()
+            if lock.caveat:
+                reporter.info("caveat", f"{job.name}: {lock.caveat}")
             return
         except LockBusy as busy:
             if busy.manual or time.monotonic() >= deadline:
