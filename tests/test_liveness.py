@@ -176,3 +176,31 @@ def _ns(pid: int) -> int:
         return os.stat(f"/proc/{pid}/ns/pid").st_ino
     except OSError:
         return 0
+
+
+@ROOT
+@STRACE
+def test_another_users_process_cannot_pose_as_the_command(lockdir: Path, tmp_path: Path):
+    """A runner killed before it recorded its command leaves a record whose command is
+    looked for by its environment: nobody's process with the same variable does not count."""
+    lock, log = lockdir / "job.lock", tmp_path / "log"
+    strace = ["strace", "-qq", "-o", "/dev/null", "-e", "trace=pwrite64",
+              "-e", "inject=pwrite64:signal=SIGKILL:when=2"]  # fmt: skip
+    subprocess.run([*strace, *TASKRUNNER, "-l", str(lock), "--", "true"], timeout=HANG,
+                   start_new_session=True)  # fmt: skip
+    record = Holder.decode(lock.read_bytes())
+    assert record is not None
+    assert record.command_pid is None
+    # Started after the runner, as its command would have been, with the same variable.
+    impostor = subprocess.Popen(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+         "env", f"TASKRUNNER_LOCKFILE={lock}", "sleep", "60"],
+    )  # fmt: skip
+    try:
+        wait_for(lambda: b"sleep" in _cmdline(impostor.pid), "the impostor")
+        later = run("-l", str(lock), "-c", probe(log, None, "next"))
+        assert later.returncode == 0, later.stderr
+        assert "removed the stale lock" in later.stderr
+    finally:
+        impostor.kill()
+        impostor.wait()

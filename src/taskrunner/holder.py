@@ -142,9 +142,12 @@ def running(pid: int, start: int | None) -> bool:
 
 
 def command_of(lockfile: str, since: int) -> bool:
-    """Whether a process started at or after ``since`` has ``TASKRUNNER_LOCKFILE`` set to
-    ``lockfile``: a command whose runner died before it could record the command's pid."""
+    """Whether a process of ours (our user's: the lock file is ours, so was its runner)
+    started at or after ``since`` has ``TASKRUNNER_LOCKFILE`` set to ``lockfile``: a command
+    whose runner died before it could record the command's pid. Another user's process
+    could set that variable too, and must not keep our lock."""
     wanted = b"TASKRUNNER_LOCKFILE=" + os.fsencode(lockfile)
+    uid = os.geteuid()
     try:
         pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
     except OSError:
@@ -158,7 +161,9 @@ def command_of(lockfile: str, since: int) -> bool:
         except (OSError, IndexError, ValueError):
             continue
         try:
-            environ = os.read(fd, 1 << 20)
+            # /proc/PID's files belong to the process's user.
+            ours = os.fstat(fd).st_uid == uid
+            environ = os.read(fd, 1 << 20) if ours else b""
         except OSError:
             continue
         finally:
