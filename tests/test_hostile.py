@@ -167,3 +167,31 @@ def test_a_hard_link_to_another_jobs_live_lock_is_refused(shared: Path, tmp_path
     assert "has 2 hard links" in result.stderr
     (tmp_path / "go").touch()
     assert finish(holder)[0] == 0
+
+
+def test_a_log_file_through_another_users_symlink_is_not_written(shared: Path, tmp_path: Path):
+    secret = shared / "secret"
+    secret.mkdir(mode=0o700)
+    as_nobody(f"ln -s {secret} {shared}/logs")
+    result = run("-l", str(shared / "job.lock"), "--log-file", str(shared / "logs" / "job.log"),
+                 "-c", "exit 3")  # fmt: skip
+    assert result.returncode == 3
+    assert "symlink, logs, that belongs to uid 65534" in result.stderr
+    assert list(secret.iterdir()) == []
+
+
+def test_a_hard_link_to_roots_symlink_is_not_followed(shared: Path, tmp_path: Path):
+    """With fs.protected_hardlinks off, another user can link root's symlink (to a directory
+    of root's) into /tmp: it belongs to root, but root did not put it there."""
+    secret = shared / "secret"
+    secret.mkdir(mode=0o700)
+    (secret / "count").write_text("precious\n")
+    rootlink = shared / "rootlink"
+    rootlink.symlink_to(secret)
+    as_nobody(f"ln {rootlink} {shared}/app")
+    result = run("-l", str(shared / "app" / "job.lock"), "-t", "3",
+                 "-f", str(shared / "app" / "count"), "-c", "true")  # fmt: skip
+    assert result.returncode == 71
+    assert "symlink, app, with 2 links" in result.stderr
+    assert sorted(p.name for p in secret.iterdir()) == ["count"]
+    assert (secret / "count").read_text() == "precious\n"

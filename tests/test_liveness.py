@@ -178,8 +178,13 @@ def _ns(pid: int) -> int:
         return 0
 
 
+# An interpreter nobody may run (the test's own may sit under root's home).
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
 @ROOT
 @STRACE
+@pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason="needs /usr/bin/python3")
 def test_another_users_process_cannot_pose_as_the_command(lockdir: Path, tmp_path: Path):
     """A runner killed before it recorded its command leaves a record whose command is
     looked for by its environment: nobody's process with the same variable does not count."""
@@ -191,13 +196,25 @@ def test_another_users_process_cannot_pose_as_the_command(lockdir: Path, tmp_pat
     record = Holder.decode(lock.read_bytes())
     assert record is not None
     assert record.command_pid is None
-    # Started after the runner, as its command would have been, with the same variable.
+    # Started after the runner, as its command would have been, with the same variable, and
+    # undumpable, so that its /proc files belong to root.
+    undumpable = "import ctypes, time; ctypes.CDLL(None).prctl(4, 0, 0, 0, 0); time.sleep(60)"
     impostor = subprocess.Popen(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-         "env", f"TASKRUNNER_LOCKFILE={lock}", "sleep", "60"],
+         "env", f"TASKRUNNER_LOCKFILE={lock}", SYSTEM_PYTHON, "-c", undumpable],
     )  # fmt: skip
     try:
-        wait_for(lambda: b"sleep" in _cmdline(impostor.pid), "the impostor")
+
+        def posing() -> bool:
+            proc = Path(f"/proc/{impostor.pid}")
+            return (
+                b"prctl" in _cmdline(impostor.pid)
+                and "Uid:\t65534" in (proc / "status").read_text()
+                and (proc / "environ").stat().st_uid == 0
+                and f"TASKRUNNER_LOCKFILE={lock}".encode() in (proc / "environ").read_bytes()
+            )
+
+        wait_for(posing, "the impostor to pose")
         later = run("-l", str(lock), "-c", probe(log, None, "next"))
         assert later.returncode == 0, later.stderr
         assert "removed the stale lock" in later.stderr

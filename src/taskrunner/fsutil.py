@@ -146,6 +146,10 @@ def _walk(head: str, path: str, error: type[Unusable]) -> int:
                     raise error(
                         path, f"goes through a symlink, {part}, that belongs to uid {st.st_uid}"
                     ) from None
+                if st.st_nlink > 1:  # someone's hard link to a symlink of root's, elsewhere
+                    raise error(
+                        path, f"goes through a symlink, {part}, with {st.st_nlink} links"
+                    ) from None
                 links += 1
                 if links > _MAX_LINKS:
                     raise OSError(errno.ELOOP, os.strerror(errno.ELOOP)) from None

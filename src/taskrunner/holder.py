@@ -141,11 +141,21 @@ def running(pid: int, start: int | None) -> bool:
         return True
 
 
+def _real_uid(pid: int) -> int | None:
+    """The real user id of process ``pid`` (its owner, whatever it is allowed to do)."""
+    text = _read_small(f"/proc/{pid}/status")
+    for line in (text or "").splitlines():
+        if line.startswith("Uid:"):
+            fields = line.split()
+            return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
+    return None
+
+
 def command_of(lockfile: str, since: int) -> bool:
-    """Whether a process of ours (our user's: the lock file is ours, so was its runner)
-    started at or after ``since`` has ``TASKRUNNER_LOCKFILE`` set to ``lockfile``: a command
-    whose runner died before it could record the command's pid. Another user's process
-    could set that variable too, and must not keep our lock."""
+    """Whether a process of ours (its real user ours: the lock file is ours, so was its
+    runner) started at or after ``since`` has ``TASKRUNNER_LOCKFILE`` set to ``lockfile``: a
+    command whose runner died before it could record the command's pid. Another user's
+    process could set that variable too, and must not keep our lock."""
     wanted = b"TASKRUNNER_LOCKFILE=" + os.fsencode(lockfile)
     uid = os.geteuid()
     try:
@@ -161,9 +171,9 @@ def command_of(lockfile: str, since: int) -> bool:
         except (OSError, IndexError, ValueError):
             continue
         try:
-            # /proc/PID's files belong to the process's user.
-            ours = os.fstat(fd).st_uid == uid
-            environ = os.read(fd, 1 << 20) if ours else b""
+            # Not the owner of /proc/PID/environ: a process that made itself undumpable has
+            # root's there, whoever it is.
+            environ = os.read(fd, 1 << 20) if _real_uid(pid) == uid else b""
         except OSError:
             continue
         finally:

@@ -98,22 +98,26 @@ class Reporter:
         return json.dumps(record, default=str)
 
     def _open_log(self, path: str) -> None:
-        """Open the log file for appending; it must be a regular file of ours with one link,
-        as for the lock: a log in a shared directory must not write through someone's file."""
-        from taskrunner.fsutil import OPEN_FLAGS, check_ours, close, reason
+        """Open the log file for appending, under the lock's rules: reached through
+        directories only root or we control, a regular file of ours with one link, never
+        through a symlink. A log in a shared directory must not write into someone's file."""
+        from taskrunner.errors import Unusable
+        from taskrunner.fsutil import OPEN_FLAGS, check_ours, close, open_parent, reason
 
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | OPEN_FLAGS
         try:
-            fd = os.open(path, flags, 0o644)
+            dirfd, name = open_parent(path, Unusable)
+        except Unusable as exc:
+            self.warning("log", f"cannot open log file {path}: {exc.reason}")
+            return
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | OPEN_FLAGS, 0o644,
+                         dir_fd=dirfd)  # fmt: skip
+            st = os.fstat(fd)
         except OSError as exc:
             self.warning("log", f"cannot open log file {path}: {reason(exc)}")
             return
-        try:
-            st = os.fstat(fd)
-        except OSError as exc:
-            close(fd)
-            self.warning("log", f"cannot use log file {path}: {reason(exc)}")
-            return
+        finally:
+            close(dirfd)
         why = check_ours(st) or (f"has {st.st_nlink} hard links" if st.st_nlink > 1 else None)
         if why:
             close(fd)
