@@ -209,3 +209,38 @@ def test_a_flock_error_on_the_counter_is_unusable_not_a_crash(held, tmp_path: Pa
     assert str(counter) in result.stderr
     assert "Traceback" not in result.stderr
     assert counter.read_text() == "2\n"
+
+
+def test_a_run_that_takes_the_lock_also_removes_a_leftover_temp_file(lockdir: Path, tmp_path: Path):
+    counter, temp = tmp_path / "count", tmp_path / "count.tmp"
+    counter.write_text("2\n")
+    temp.write_text("3\n")  # a refusal killed between writing it and renaming it
+    assert (
+        run("-l", str(lockdir / "job.lock"), "-t", "5", "-f", str(counter), "-c", "true").returncode
+        == 0
+    )
+    assert not counter.exists()
+    assert not temp.exists()
+
+
+def test_another_jobs_live_lock_at_the_temp_name_is_not_removed(held, tmp_path: Path, procs):
+    """A lock of another job that happens to be named COUNTER.tmp must survive the count."""
+    counter, other = tmp_path / "count", tmp_path / "count.tmp"
+    holder = hold(other, tmp_path / "go-other")
+    procs.append(holder)
+    result = refuse(held.lock, counter)
+    assert result.returncode == 71
+    assert "count.tmp is not a counter's temp file" in result.stderr
+    assert other.exists()
+    assert run("-l", str(other), "-c", "true").returncode == 75, "the other job still holds it"
+    (tmp_path / "go-other").touch()
+    assert finish(holder)[0] == 0
+
+
+def test_a_counter_name_too_long_for_its_temp_name(held, tmp_path: Path):
+    counter = tmp_path / ("c" * 253)
+    for n in (1, 2):
+        result = refuse(held.lock, counter)
+        assert (result.returncode, result.stderr) == (75, "")
+        assert counter.read_text() == f"{n}\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("c")) == [counter.name]

@@ -31,11 +31,22 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Callable
 _READ_LIMIT = 64
+_NAME_MAX = 255
 _MAX_DIGITS = 18
 _MAX_ATTEMPTS = 10000
 # A holder keeps the counter's flock for a moment (an fsync's worth); one that keeps it this
 # long is stopped or stuck on a dead disk, and the run says so rather than wait for ever.
 _FLOCK_PATIENCE = 30.0
+
+
+def _temp_name(name: str) -> str:
+    """``NAME.tmp``; for a name too long for that, a shortened one with a checksum."""
+    raw = os.fsencode(name)
+    if len(raw) + 4 <= _NAME_MAX:
+        return name + ".tmp"
+    import zlib
+
+    return os.fsdecode(raw[:200]) + f".{zlib.crc32(raw):08x}.tmp"
 
 
 def parse(data: bytes) -> int | None:
@@ -54,7 +65,7 @@ class Counter:
     def __init__(self, path: str, watch: SignalWatch) -> None:
         self.path = path
         self._name = os.path.basename(path)
-        self._tempname = self._name + ".tmp"
+        self._tempname = _temp_name(self._name)
         self._watch = watch
         self._dirfd: int | None = None
         #: The content found instead of a count by the last increment, if any.
@@ -199,28 +210,43 @@ class Counter:
                 pass
             except OSError as exc:
                 raise CounterUnusable(self.path, reason(exc)) from None
-            # Only the flock holder writes the temp file, so one already there was left by a
-            # holder that crashed. Remove it if it is ours; anything else is someone's trap.
-            try:
-                st = os.stat(self._tempname, dir_fd=dirfd, follow_symlinks=False)
-                why = check_ours(st)
-                if why:
-                    raise CounterUnusable(self.path, f"{self._tempname} {why}")
-                os.unlink(self._tempname, dir_fd=dirfd)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise CounterUnusable(self.path, f"{self._tempname}: {reason(exc)}") from None
+            why = self._remove_leftover(dirfd)
+            if why:
+                raise CounterUnusable(self.path, f"{self._tempname} {why}")
         raise CounterUnusable(self.path, f"{self._tempname} keeps reappearing")
 
-    def _discard_temp(self) -> None:
-        """Remove a temp file a crashed holder left (only the flock holder may)."""
-        dirfd = self._open_dir()
+    def _remove_leftover(self, dirfd: int) -> str | None:
+        """Remove the temp file a crashed holder left (only the flock holder writes it, so
+        one there now is a leftover); None once it is gone, else why it is not ours to
+        remove: someone's trap, or a file of another job that happens to have that name."""
         try:
-            if check_ours(os.stat(self._tempname, dir_fd=dirfd, follow_symlinks=False)) is None:
-                os.unlink(self._tempname, dir_fd=dirfd)
-        except OSError:
-            pass
+            fd = os.open(self._tempname, os.O_RDONLY | OPEN_FLAGS, dir_fd=dirfd)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return reason(exc)
+        try:
+            st = os.fstat(fd)
+            why = check_ours(st)
+            if why is None and (st.st_nlink != 1 or st.st_size > _READ_LIMIT):
+                why = "is not a counter's temp file"
+            if why is None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return "is in use by another process"
+                if still_named(dirfd, self._tempname, st):
+                    os.unlink(self._tempname, dir_fd=dirfd)
+            return why
+        except OSError as exc:
+            return reason(exc)
+        finally:
+            close(fd)
+
+    def _discard_temp(self) -> None:
+        """After a reset: remove a temp file a crashed holder left, if there is one of ours
+        (anything else there is for the next update to refuse)."""
+        self._remove_leftover(self._open_dir())
 
     def _remove(self) -> None:
         """Reset to 0 by removing the file (absent means 0). Caller holds the flock."""
