@@ -12,9 +12,10 @@ Every run uses the same lock and a --cumulative counter; some wait for the lock,
 At random, a runner or its command is killed with SIGKILL a moment after it starts. Each
 command notes in one log when it starts and ends, and at its start whether the command that
 started before it is still running and has not ended: that is an overlap. Printed at the end
-(all must be 0): overlaps; lost increments (runs that exited 75, refused and counted, beyond
-the count); stuck locks (a run that could not take the lock once everything had ended); and
-how long it all took. Exits 1 if any is not 0.
+(all must be 0): overlaps, by that look and by reading the log whole afterwards; lost
+increments (runs that exited 75, refused and counted, beyond the count) and increments beyond
+the refusals and the runners killed; stuck locks (a run that could not take the lock once
+everything had ended); and how long it all took. Exits 1 if any is not 0.
 """
 
 from __future__ import annotations
@@ -50,6 +51,21 @@ def children(pid: int) -> list[int]:
         return []
 
 
+def intervals_overlapping(text: str, killed: set[int]) -> int:
+    """Starts that came while another command had started and not ended, not counting
+    commands killed on purpose (they never write their end)."""
+    found, running = 0, None
+    for line in text.splitlines():
+        what, _, pid = line.partition(" ")
+        if what == "start":
+            if running is not None and int(running) not in killed:
+                found += 1
+            running = pid
+        elif what == "end" and pid == running:
+            running = None
+    return found
+
+
 def commands_of(log: Path) -> list[int]:
     """The commands still running that write ``log``."""
     found = []
@@ -78,6 +94,7 @@ def main() -> int:
     devnull = os.open(os.devnull, os.O_RDWR)
     running: dict[int, tuple[float, str]] = {}  # pid -> (when to kill, what) or (0, "")
     stats = {"ran": 0, "refused": 0, "killed runners": 0, "killed commands": 0, "other": 0}
+    killed_commands: set[int] = set()
     started = time.monotonic()
     launched = 0
     while launched < opts.runs or running:
@@ -99,6 +116,8 @@ def main() -> int:
                 if target:
                     os.kill(target, signal.SIGKILL)
                     stats[f"killed {what}s"] += 1
+                    if what == "command":
+                        killed_commands.add(target)
                 # A command may not have started yet: try again a little later, if it runs.
                 running[pid] = (0.0, "") if target or what == "runner" else (when + 0.005, what)
         try:
@@ -119,16 +138,20 @@ def main() -> int:
     took = time.monotonic() - started
     text = log.read_text() if log.exists() else ""
     count = int(counter.read_text() or 0) if counter.exists() else 0
-    overlaps = text.count("overlap ")
+    # Two checks of overlap: each command's own look at its start, and the log read whole
+    # (a start while another command has started and not ended, unless we killed that one).
+    overlaps = text.count("overlap ") + intervals_overlapping(text, killed_commands)
+    # Every refusal that exited 75 had counted; a killed runner may or may not have.
     lost = max(0, stats["refused"] - count)
+    extra = max(0, count - stats["refused"] - stats["killed runners"])
     stuck = 0 if final == 0 else 1
     print(f"runs: {opts.runs} in {took:.1f} s ({opts.runs / took:.0f}/s), {opts.parallel} at once")
     print("outcomes: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
     print(f"commands started: {text.count('start ')}, count: {count}")
     print(f"overlaps: {overlaps}")
-    print(f"lost increments: {lost}")
+    print(f"lost increments: {lost}, increments beyond the refusals: {extra}")
     print(f"stuck locks: {stuck}")
-    return 0 if overlaps == lost == stuck == 0 else 1
+    return 0 if overlaps == lost == extra == stuck == 0 else 1
 
 
 if __name__ == "__main__":
