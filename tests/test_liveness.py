@@ -61,6 +61,23 @@ def runs_alone(lock: Path, log: Path, go: Path, command: int) -> None:
     assert "second" not in log.read_text()
 
 
+def test_runner_killed_while_its_command_runs_without_the_lock_descriptor(
+    lockdir: Path, tmp_path: Path
+):
+    lock, log, go = lockdir / "job.lock", tmp_path / "log", tmp_path / "go"
+    proc = subprocess.Popen(closer(lock, log, go), start_new_session=True)
+    try:
+        command = the_command(log)
+        assert Holder.decode(lock.read_bytes()).command_pid == command  # type: ignore[union-attr]
+        proc.kill()
+        proc.wait()
+        runs_alone(lock, log, go, command)
+    finally:
+        go.touch()
+        proc.kill()
+        proc.wait()
+
+
 @STRACE
 def test_runner_killed_before_it_could_record_its_command(lockdir: Path, tmp_path: Path):
     """kill -9 between starting the command and writing its pid into the record (the second

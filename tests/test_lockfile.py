@@ -367,47 +367,6 @@ def test_a_runner_letting_go_is_never_taken_for_dead(lockdir: Path, tmp_path: Pa
         assert list(lockdir.iterdir()) == []
 
 
-CLOSES_ITS_FDS = """
-import os, pathlib, sys, time
-os.closerange(3, 4096)
-log, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
-with log.open("a") as f: f.write("start closer\\n")
-while not go.exists(): time.sleep(0.01)
-with log.open("a") as f: f.write("end closer\\n")
-"""
-
-
-def test_runner_killed_while_its_command_runs_without_the_lock_descriptor(
-    lockdir: Path, tmp_path: Path, procs
-):
-    lock, log, go = lockdir / "job.lock", tmp_path / "log", tmp_path / "go"
-    proc = start("-l", str(lock), "--", sys.executable, "-c", CLOSES_ITS_FDS, str(log), str(go))
-    procs.append(proc)
-    wait_for(log.exists, "the command")
-    (command,) = children(proc.pid)
-    assert holder_of(lock).command_pid == command
-    proc.kill()
-    proc.wait()
-    refused = run("-l", str(lock), "-c", probe(log, None, "second"))
-    assert refused.returncode == 75, "the command still runs: the lock is not stale"
-    go.touch()
-    wait_for(lambda: not alive(command), "the command to end")
-    later = run("-l", str(lock), "-c", probe(log, None, "third"))
-    assert later.returncode == 0
-    assert "removed the stale lock" in later.stderr
-    assert overlaps(log) == []
-    assert log.read_text().split() == [
-        "start",
-        "closer",
-        "end",
-        "closer",
-        "start",
-        "third",
-        "end",
-        "third",
-    ]
-
-
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 def test_a_flock_error_is_an_unusable_lock_not_a_crash(lockdir: Path):
     lock = lockdir / "job.lock"
