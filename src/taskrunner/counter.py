@@ -20,6 +20,7 @@ from taskrunner.fsutil import (
     OPEN_FLAGS,
     check_ours,
     close,
+    discard,
     open_parent,
     reason,
     still_named,
@@ -195,10 +196,7 @@ class Counter:
                 close(fd)
             os.rename(self._tempname, self._name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
         except OSError as exc:
-            try:
-                os.unlink(self._tempname, dir_fd=dirfd)
-            except OSError:
-                pass
+            discard(self._tempname, dirfd)
             raise CounterUnusable(self.path, reason(exc)) from None
 
     def _create_temp(self, dirfd: int) -> int:

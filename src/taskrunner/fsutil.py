@@ -87,6 +87,14 @@ def caveat(fstype: str | None) -> str | None:
     return None if family is None else f"the lock is on {fstype}: {_CAVEATS[family]}"
 
 
+def discard(name: str, dirfd: int) -> None:
+    """Remove ``name`` in ``dirfd`` if it can be: for undoing, where failing changes nothing."""
+    try:
+        os.unlink(name, dir_fd=dirfd)
+    except OSError:
+        pass
+
+
 def kind(mode: int) -> str:
     """What a file of this mode is, for a refusal message."""
     if stat.S_ISDIR(mode):

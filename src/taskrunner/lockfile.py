@@ -28,6 +28,7 @@ from taskrunner.fsutil import (
     caveat,
     check_ours,
     close,
+    discard,
     filesystem,
     open_parent,
     reason,
@@ -163,10 +164,7 @@ class FileLock:
             self._ident = os.fstat(self._fd)
         except OSError as exc:
             # Linked, but we cannot say it is ours: take it back out while we still can.
-            try:
-                os.unlink(self._name, dir_fd=dirfd)
-            except OSError:
-                pass
+            discard(self._name, dirfd)
             raise LockUnusable(self.path, reason(exc)) from None
         if time.time() - holder.started > _FRESH:
             self._renew_start(self._fd, holder)
@@ -247,10 +245,7 @@ class FileLock:
 
     def _discard_tempname(self, dirfd: int) -> None:
         if self._tempname is not None:
-            try:
-                os.unlink(self._tempname, dir_fd=dirfd)
-            except OSError:
-                pass
+            discard(self._tempname, dirfd)
             self._tempname = None
 
     def _discard_record(self) -> None:
