@@ -154,15 +154,17 @@ def test_programs_that_cannot_run(lockdir: Path, args: list[str], status: int, m
     assert list(lockdir.iterdir()) == []
 
 
+def shell(line: str) -> subprocess.CompletedProcess[str]:
+    """taskrunner run by ``sh -c`` (for redirections); ``TR`` in ``line`` stands for it."""
+    return subprocess.run(
+        line.replace("TR", " ".join(TASKRUNNER)), shell=True, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+
+
 def test_closed_stdout_and_stderr(lockdir: Path):
     for closed in (">&-", "2>&-", ">&- 2>&-"):
-        result = subprocess.run(
-            f"{' '.join(TASKRUNNER)} -l {lockdir}/x -- sh -c 'exit 3' {closed}",
-            shell=True,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = shell(f"TR -l {lockdir}/x -- sh -c 'exit 3' {closed}")
         assert result.returncode == 3, (closed, result.stderr)
         assert "Traceback" not in result.stderr
 
@@ -225,24 +227,12 @@ def test_a_missing_lock_or_command_shows_the_whole_help(args: list[str], lockdir
 
 @pytest.mark.parametrize("args", [["--version"], ["--help"]])
 def test_version_and_help_with_stdout_closed(args: list[str]):
-    result = subprocess.run(
-        f"{' '.join(TASKRUNNER)} {args[0]} >&-",
-        shell=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = shell(f"TR {args[0]} >&-")
     assert (result.returncode, result.stderr) == (0, "")
 
 
 def test_the_command_gets_dev_null_for_closed_standard_descriptors(lockdir: Path, tmp_path: Path):
     out = tmp_path / "fds"
-    result = subprocess.run(
-        f"{' '.join(TASKRUNNER)} -l {lockdir}/x -c 'readlink /proc/self/fd/0 > {out}' <&-",
-        shell=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = shell(f"TR -l {lockdir}/x -c 'readlink /proc/self/fd/0 > {out}' <&-")
     assert result.returncode == 0
     assert out.read_text() == "/dev/null\n"

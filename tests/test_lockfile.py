@@ -251,16 +251,22 @@ lock.close()
 """
 
 
-def test_named_records_where_anonymous_files_are_unavailable(lockdir: Path):
-    lock = lockdir / "job.lock"
+def hold_named(lock: Path) -> subprocess.Popen[str]:
+    """A process holding ``lock`` through a named record, until its stdin closes."""
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_SCRIPT, str(lock)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert holder.stdout is not None and holder.stdin is not None
+    assert holder.stdout is not None
     assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_named_records_where_anonymous_files_are_unavailable(lockdir: Path):
+    lock = lockdir / "job.lock"
+    holder = hold_named(lock)
     assert lock.stat().st_nlink == 1
     assert [p.name for p in lockdir.iterdir()] == ["job.lock"]
     other = subprocess.run(
@@ -271,7 +277,7 @@ def test_named_records_where_anonymous_files_are_unavailable(lockdir: Path):
         stdin=subprocess.DEVNULL,
     )
     assert (other.returncode, other.stdout) == (75, "busy\n")
-    holder.stdin.write("\n")
+    assert holder.stdin is not None
     holder.stdin.close()
     assert holder.wait(timeout=HANG) == 0
     assert list(lockdir.iterdir()) == []
@@ -284,14 +290,7 @@ def test_named_record_left_by_a_crash_is_swept(lockdir: Path):
     young = lockdir / ".job.lock.99998.cafe.tmp"  # may be another run's, just made
     young.write_bytes(b"")
     os.utime(orphan, (time.time() - 120, time.time() - 120))
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_SCRIPT, str(lock)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout is not None and holder.stdin is not None
-    assert holder.stdout.readline() == "held\n"
+    holder = hold_named(lock)
     assert not orphan.exists()
     assert young.exists()
     holder.stdin.close()
