@@ -167,7 +167,10 @@ class FileLock:
             discard(self._name, dirfd)
             raise LockUnusable(self.path, reason(exc)) from None
         if time.time() - holder.started > _FRESH:
-            self._renew_start(self._fd, holder)
+            # A waiter's record was made before it waited, to be ready at once when the lock
+            # came free; now that it holds the lock, say when it took it.
+            holder.started = time.time()
+            self._rewrite(self._fd, holder)
         if self._tempname is not None:
             self._discard_tempname(dirfd)
             self._sweep_orphans(dirfd)
@@ -217,18 +220,6 @@ class FileLock:
             raise LockUnusable(self.path, reason(exc)) from None
         self._write_record(dirfd, fd, holder)
         return fd
-
-    @staticmethod
-    def _renew_start(fd: int, holder: Holder) -> None:
-        """A waiter's record was made before it waited, to be ready at once when the lock
-        comes free; once it holds the lock, say when it took it. Same length, in place."""
-        holder.started = time.time()
-        data = holder.encode()
-        try:
-            os.pwrite(fd, data, 0)
-            os.ftruncate(fd, len(data))
-        except OSError:
-            pass  # the record then shows when the wait began: not worth failing the run for
 
     def _write_record(self, dirfd: int, fd: int, holder: Holder) -> None:
         try:
@@ -315,9 +306,12 @@ class FileLock:
 
     @staticmethod
     def _rewrite(fd: int, holder: Holder) -> None:
-        """Rewrite our record in place: it only grows, so no reader sees it cut short."""
+        """Rewrite our record in place, as long as it was or longer (a new start time, the
+        command's pid, the end), so that no reader sees it cut short."""
+        data = holder.encode()
         try:
-            os.pwrite(fd, holder.encode(), 0)
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))  # only if a start time came out a digit shorter
         except OSError:
             pass  # the flocks still hold the lock; the record is what a reader is told
 
