@@ -102,14 +102,17 @@ class Child:
         path: str | None = None,
         pass_fds: tuple[int, ...] = (),
         ignored: frozenset[int] = frozenset(),
+        output: tuple[int, int] | None = None,
     ) -> None:
         """Run ``argv``: the program is ``path`` if given, else ``argv[0]`` looked up in PATH
         as a shell would. ``ignored`` are the signals this process was started with ignored:
-        the command inherits that, and the runner does not pass them on."""
+        the command inherits that, and the runner does not pass them on. ``output``, if
+        given, are the descriptors to give the command as its stdout and stderr."""
         self.argv = argv
         self._path = path
         self._env = env
         self._pass_fds = pass_fds
+        self._output = output
         self._ignored = ignored
         self._waited = {signal.SIGCHLD, *(s for s in FORWARDED if s not in ignored)}
         self.pid = 0
@@ -166,11 +169,15 @@ class Child:
         mask = self._saved_mask or set()
         if not self.own_group:
             return self._fork_exec(path, argv, mask)
+        actions = [(os.POSIX_SPAWN_DUP2, fd, target) for fd, target in self._redirections()]
         if path is None:
             return os.posix_spawnp(argv[0], argv, self._env, setpgroup=0, setsigmask=mask,
-                                   setsigdef=_RESET)  # fmt: skip
+                                   setsigdef=_RESET, file_actions=actions or None)  # fmt: skip
         return os.posix_spawn(path, argv, self._env, setpgroup=0, setsigmask=mask,
-                              setsigdef=_RESET)  # fmt: skip
+                              setsigdef=_RESET, file_actions=actions or None)  # fmt: skip
+
+    def _redirections(self) -> list[tuple[int, int]]:
+        return [] if self._output is None else [(self._output[0], 1), (self._output[1], 2)]
 
     def _fork_exec(self, path: str | None, argv: list[str], mask: set[int]) -> int:
         """fork and exec, for a command in the terminal's job. posix_spawn's vfork would
@@ -187,6 +194,8 @@ class Child:
                     if signal.getsignal(sig) != signal.SIG_IGN or sig in _RESET:
                         signal.signal(sig, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                for fd, target in self._redirections():
+                    os.dup2(fd, target)
                 if path is None:
                     os.execvpe(argv[0], argv, self._env)
                 os.execve(path, argv, self._env)

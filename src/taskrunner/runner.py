@@ -18,6 +18,8 @@ from taskrunner.signals import SignalWatch, signal
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import BinaryIO
+
     from taskrunner.backend import LockBackend
     from taskrunner.counter import Counter
 
@@ -45,6 +47,13 @@ class Job:
         wait: float = 0.0,
         timeout: float = 0.0,
         kill_after: float = 10.0,
+        stuck_after: float = 0.0,
+        on_stuck: str | None = None,
+        on_recover: str | None = None,
+        notify_url: str | None = None,
+        hook_timeout: float = 30.0,
+        metrics_file: str | None = None,
+        quiet_success: bool = False,
     ) -> None:
         self.lockfile = lockfile
         self.argv = argv
@@ -57,6 +66,15 @@ class Job:
         self.wait = wait
         self.timeout = timeout
         self.kill_after = kill_after
+        self.stuck_after = stuck_after
+        """Report a refusal as stuck when the hold is older than this (0: never)."""
+        self.on_stuck = on_stuck
+        self.on_recover = on_recover
+        self.notify_url = notify_url
+        self.hook_timeout = hook_timeout
+        self.metrics_file = metrics_file
+        self.quiet_success = quiet_success
+        """Hold the command's output on disk; show it only if the command fails."""
 
     @property
     def command_text(self) -> str:
@@ -74,7 +92,7 @@ def _quote(arg: str) -> str:
 class Result:
     """What a run came to."""
 
-    __slots__ = ("status", "terminal_signal")
+    __slots__ = ("duration", "held", "reported", "started", "status", "terminal_signal")
 
     def __init__(self, status: int, terminal_signal: int | None = None) -> None:
         #: taskrunner's exit status.
@@ -83,6 +101,18 @@ class Result:
         #: did: a command-line caller should then die of it too, so that a calling shell
         #: script stops as it would had it run the command itself.
         self.terminal_signal = terminal_signal
+        #: When the command started (Unix time) and how long it ran, if it ran.
+        self.started: float | None = None
+        self.duration: float | None = None
+        #: Whether the lock is still held as the run ends: by another run, after a refusal,
+        #: or by processes the command left behind.
+        self.held = False
+        #: Whether this refusal reported the job as stuck.
+        self.reported = False
+
+    @property
+    def refused(self) -> bool:
+        return self.status in (BUSY, STUCK) and self.started is None
 
 
 def run(job: Job, lock: LockBackend, reporter: Reporter) -> Result:
@@ -96,6 +126,16 @@ def run(job: Job, lock: LockBackend, reporter: Reporter) -> Result:
         return Result(UNUSABLE)
     watch = SignalWatch()
     watch.install()
+    try:
+        result = _run(job, lock, watch, reporter)
+        if job.metrics_file is not None:
+            _record_metrics(job, job.metrics_file, result, watch, reporter)
+        return result
+    finally:
+        watch.restore()
+
+
+def _run(job: Job, lock: LockBackend, watch: SignalWatch, reporter: Reporter) -> Result:
     counter = None
     if job.counter_file:
         from taskrunner.counter import Counter
@@ -109,7 +149,7 @@ def run(job: Job, lock: LockBackend, reporter: Reporter) -> Result:
                 raise LockUnusable(job.lockfile, reason(exc)) from None
             _acquire(job, where, lock, counter, watch, reporter)
         except LockBusy as busy:
-            return Result(_refuse(job, lock, busy, counter, reporter))
+            return _refuse(job, where, lock, busy, counter, reporter)
         return _execute(job, where, lock, watch, reporter)
     except Unusable as exc:
         reporter.error("unusable", f"{job.name}: not run: {exc.path}: {exc.reason}")
@@ -129,7 +169,28 @@ def run(job: Job, lock: LockBackend, reporter: Reporter) -> Result:
             reporter.warning("release", f"{exc.path}: {exc.reason}")
         if counter is not None:
             counter.close()
-        watch.restore()
+
+
+def _record_metrics(
+    job: Job, path: str, result: Result, watch: SignalWatch, reporter: Reporter
+) -> None:
+    from taskrunner.metrics import Invocation, record
+
+    invocation = Invocation(
+        ended=time.time(),
+        status=result.status,
+        started=result.started,
+        duration=result.duration,
+        refused=result.refused,
+        reported=result.reported,
+        held=result.held,
+    )
+    try:
+        record(path, job.name, invocation, watch)
+    except Unusable as exc:
+        reporter.warning("metrics", f"{job.name}: metrics not written: {exc.path}: {exc.reason}")
+    except Interrupted as exc:
+        reporter.warning("metrics", f"{job.name}: metrics not written: signal {exc.signum}")
 
 
 def _acquire(
@@ -167,10 +228,12 @@ def _acquire(
             dead = lock.recovered
             if dead is not None:
                 lock.recovered = None
-                _report_takeover(job, lock, dead, reporter)
+                _report_takeover(job, where, lock, dead, reporter)
 
 
-def _report_takeover(job: Job, lock: LockBackend, dead: Holder, reporter: Reporter) -> None:
+def _report_takeover(
+    job: Job, where: str, lock: LockBackend, dead: Holder, reporter: Reporter
+) -> None:
     fields: dict[str, object] = {"holder_pid": dead.pid, "holder_host": dead.host}
     if dead.ended is not None:
         # Its run ended normally and said so; what the command left behind is gone now.
@@ -181,17 +244,55 @@ def _report_takeover(job: Job, lock: LockBackend, dead: Holder, reporter: Report
             **fields,
         )
         return
-    reporter.warning(
-        "stale",
+    message = (
         f"{job.name}: removed the stale lock {lock.description} of "
-        f"{dead.describe(f'started {dead.age()} ago')}, which is gone",
-        **fields,
+        f"{dead.describe(f'started {dead.age()} ago')}, which is gone"
     )
+    reporter.warning("stale", message, **fields)
+    _tell(job, where, "stale", job.on_recover, 0, dead, dead.started, message, reporter)
+
+
+def _seconds(value: float) -> str:
+    """A duration as it was given: ``0.5s``, ``90s``, ``1h00m``."""
+    return f"{value:g}s" if value < 60 else format_age(value)
+
+
+def _tell(
+    job: Job,
+    where: str,
+    kind: str,
+    hook: str | None,
+    count: int,
+    holder: Holder | None,
+    since: float | None,
+    message: str,
+    reporter: Reporter,
+) -> None:
+    """Run the hook and post to the URL the job has for this event, if any."""
+    if hook is None and job.notify_url is None:
+        return
+    from taskrunner.hooks import Event, deliver
+
+    event = Event(
+        kind,
+        name=job.name,
+        lockfile=where,
+        count=count,
+        holder=holder,
+        since=since,
+        message=message,
+    )
+    deliver(event, hook, job.notify_url, job.hook_timeout, reporter)
 
 
 def _refuse(
-    job: Job, lock: LockBackend, busy: LockBusy, counter: Counter | None, reporter: Reporter
-) -> int:
+    job: Job,
+    where: str,
+    lock: LockBackend,
+    busy: LockBusy,
+    counter: Counter | None,
+    reporter: Reporter,
+) -> Result:
     if busy.holder is not None:
         held = f"held by {busy.holder.describe(f'for {busy.holder.age()}')}"
     else:
@@ -200,32 +301,36 @@ def _refuse(
     fields: dict[str, object] = {"lockfile": lock.description}
     if busy.holder is not None:
         fields.update(holder_pid=busy.holder.pid, holder_host=busy.holder.host)
-    if counter is None:
-        reporter.warning("busy", f"{job.name}: not run: {lock.description} is {held}", **fields)
-        return BUSY
-    count, fired = counter.increment(job.threshold)
-    if counter.garbage is not None:
-        reporter.warning(
-            "counter", f"{counter.path}: held {counter.garbage[:20]!r}, not a count; read as 0"
-        )
-    in_a_row = "" if job.cumulative else " in a row"
-    if fired:
-        reporter.error(
-            "stuck",
-            f"{job.name} looks stuck: {lock.description} is {held}; refused {count} times"
-            f"{in_a_row} (threshold {job.threshold})",
-            count=count,
-            **fields,
-        )
-        return STUCK
-    reporter.info(
-        "busy",
-        f"{job.name}: not run: {lock.description} is {held}; refused {count} times{in_a_row} "
-        f"(threshold {job.threshold})",
-        count=count,
-        **fields,
+    # Stuck by age: the hold is older than --stuck-after, whatever the count says.
+    aged = (
+        job.stuck_after > 0
+        and busy.since is not None
+        and time.time() - busy.since > job.stuck_after
     )
-    return BUSY
+    result = Result(BUSY)
+    result.held = True
+    count, fired, counted = 0, False, ""
+    if counter is not None:
+        count, fired = counter.increment(job.threshold)
+        if counter.garbage is not None:
+            reporter.warning(
+                "counter", f"{counter.path}: held {counter.garbage[:20]!r}, not a count; read as 0"
+            )
+        in_a_row = "" if job.cumulative else " in a row"
+        counted = f"; refused {count} times{in_a_row} (threshold {job.threshold})"
+        fields["count"] = count
+    if fired or aged:
+        longer = f", longer than --stuck-after {_seconds(job.stuck_after)}" if aged else ""
+        message = f"{job.name} looks stuck: {lock.description} is {held}{longer}{counted}"
+        reporter.error("stuck", message, **fields)
+        _tell(job, where, "stuck", job.on_stuck, count, busy.holder, busy.since, message, reporter)
+        result.status, result.reported = STUCK, True
+    elif counter is None:
+        reporter.warning("busy", f"{job.name}: not run: {lock.description} is {held}", **fields)
+    else:
+        reporter.info("busy", f"{job.name}: not run: {lock.description} is {held}{counted}",
+                      **fields)  # fmt: skip
+    return result
 
 
 def _execute(
@@ -234,12 +339,14 @@ def _execute(
     env = dict(os.environb)  # bytes: no decoding and encoding back of every variable
     env[b"TASKRUNNER_LOCKFILE"] = os.fsencode(where)
     env[b"TASKRUNNER_NAME"] = os.fsencode(job.name)
+    output = _hold_output() if job.quiet_success else None
     child = Child(
         ["sh", "-c", job.argv[0]] if job.shell else job.argv,
         env,
         path="/bin/sh" if job.shell else None,
         pass_fds=lock.inheritable_fds(),
         ignored=frozenset(watch.ignored),
+        output=None if output is None else (output[0].fileno(), output[1].fileno()),
     )
     child.block()
     try:
@@ -247,13 +354,15 @@ def _execute(
     except Interrupted:
         child.unblock()
         raise
-    started = time.monotonic()
+    started, wall = time.monotonic(), time.time()
     child.start()
     lock.note_command(child.pid)
     if reporter.wants(DEBUG):
         reporter.debug("start", f"started {job.command_text!r} as pid {child.pid}")
     outcome = child.wait(job.timeout, job.kill_after, watch.pending)
-    took = f"{time.monotonic() - started:.3f}s"
+    result = Result(outcome.exit_status)
+    result.started, result.duration = wall, time.monotonic() - started
+    took = f"{result.duration:.3f}s"
     if outcome.timed_out:
         reporter.error(
             "timeout",
@@ -267,6 +376,7 @@ def _execute(
         reporter.info("finished", f"{job.name}: exited with status {outcome.status} after {took}")
     try:
         if not lock.release(_GRACE):
+            result.held = True
             reporter.warning(
                 "left-holding",
                 f"{job.name}: the command ended but processes it started still hold "
@@ -274,5 +384,43 @@ def _execute(
             )
     except Unusable as exc:
         reporter.warning("release", f"{exc.path}: {exc.reason}")
-    interrupted = outcome.from_terminal and outcome.signal in (signal.SIGINT, signal.SIGQUIT)
-    return Result(outcome.exit_status, outcome.signal if interrupted else None)
+    if output is not None:
+        if outcome.exit_status != 0:
+            _show_output(output)
+        for f in output:
+            f.close()
+    if outcome.from_terminal and outcome.signal in (signal.SIGINT, signal.SIGQUIT):
+        result.terminal_signal = outcome.signal
+    return result
+
+
+def _hold_output() -> tuple[BinaryIO, BinaryIO]:
+    """Two unnamed files, for the command's stdout and stderr, kept apart so that each is
+    shown on its own stream. On disk, not in memory: the output may be of any size."""
+    import tempfile
+
+    files: list[BinaryIO] = []
+    try:
+        while len(files) < 2:
+            files.append(tempfile.TemporaryFile())  # noqa: SIM115 (closed by the caller)
+    except OSError as exc:
+        for f in files:
+            f.close()
+        raise Unusable(tempfile.gettempdir(), f"cannot hold the output: {reason(exc)}") from None
+    return files[0], files[1]
+
+
+def _show_output(held: tuple[BinaryIO, BinaryIO]) -> None:
+    """Copy the held output to taskrunner's own stdout and stderr, a block at a time."""
+    for source, target in zip(held, (1, 2)):
+        offset = 0
+        try:
+            while True:
+                block = os.pread(source.fileno(), 1 << 16, offset)
+                if not block:
+                    break
+                offset += len(block)
+                while block:
+                    block = block[os.write(target, block) :]
+        except OSError:
+            pass  # the reader went away (EPIPE) or the stream is closed: nothing left to do

@@ -1,0 +1,359 @@
+"""Being told about stuck jobs: --stuck-after, the --on-stuck and --on-recover hooks, and
+--notify-url against a real HTTP(S) server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import ssl
+import subprocess
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from conftest import alive, finish, hold, leave_stale, run, start, wait_for
+
+HOST = os.uname().nodename
+
+
+def env_of(path: Path) -> dict[str, str]:
+    """The TASKRUNNER_ variables a hook wrote with ``env > path``."""
+    wait_for(path.exists, "the hook's output")
+    lines = path.read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line.startswith("TASKRUNNER_"))
+
+
+# -- --stuck-after ---------------------------------------------------------------------
+
+
+def test_stuck_after_reports_an_old_hold_without_a_counter(lockdir: Path, tmp_path: Path, procs):
+    lock, go = lockdir / "job.lock", tmp_path / "go"
+    procs.append(hold(lock, go))
+    young = run("-l", str(lock), "--stuck-after", "1.5", "-c", "true")
+    assert young.returncode == 75
+    assert "looks stuck" not in young.stderr
+    time.sleep(1.6)
+    for _ in range(2):  # every refusal past the age reports
+        old = run("-l", str(lock), "--stuck-after", "1.5", "-c", "true")
+        assert old.returncode == 76, old.stderr
+        assert "looks stuck" in old.stderr
+        assert f"pid {procs[0].pid} on {HOST}" in old.stderr
+        assert "longer than --stuck-after 1.5s" in old.stderr
+    go.touch()
+
+
+def test_stuck_after_and_the_count_whichever_comes_first(lockdir: Path, tmp_path: Path, procs):
+    lock, go, counter = lockdir / "job.lock", tmp_path / "go", tmp_path / "count"
+    procs.append(hold(lock, go))
+    options = ("-l", str(lock), "-t", "5", "-f", str(counter), "--stuck-after", "1")
+    assert run(*options, "-c", "true").returncode == 75
+    time.sleep(1.1)
+    aged = run(*options, "-c", "true")
+    assert aged.returncode == 76
+    assert "refused 2 times in a row (threshold 5)" in aged.stderr
+    # A report by age does not reset the count: the count still says how many in a row.
+    assert counter.read_text() == "2\n"
+    go.touch()
+
+
+def test_stuck_after_counts_a_manual_hold_from_its_mtime(lockdir: Path):
+    lock = lockdir / "job.lock"
+    lock.write_text("paused by hand\n")
+    hour_ago = time.time() - 3600
+    os.utime(lock, (hour_ago, hour_ago))
+    result = run("-l", str(lock), "--stuck-after", "30m", "-c", "true")
+    assert result.returncode == 76
+    assert "held by hand for 1h00m" in result.stderr
+    assert run("-l", str(lock), "--stuck-after", "2h", "-c", "true").returncode == 75
+
+
+@pytest.mark.parametrize("value", ["", "soon", "-1", "5x"])
+def test_stuck_after_takes_a_duration(lockdir: Path, value: str):
+    result = run("-l", str(lockdir / "job.lock"), "--stuck-after", value, "-c", "true")
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].startswith("taskrunner: error: --stuck-after")
+
+
+# -- hooks -----------------------------------------------------------------------------
+
+
+def test_on_stuck_hook_gets_the_event(lockdir: Path, tmp_path: Path, procs):
+    lock, go, counter, seen = (
+        lockdir / "job.lock",
+        tmp_path / "go",
+        tmp_path / "c",
+        tmp_path / "env",
+    )
+    before = time.time()
+    procs.append(hold(lock, go))
+    options = ("-l", str(lock), "-t", "1", "-f", str(counter), "--name", "backup")
+    hook = ("--on-stuck", f"env > {seen}")
+    assert run(*options, *hook, "-c", "true").returncode == 75
+    assert not seen.exists(), "a quiet refusal runs no hook"
+    assert run(*options, *hook, "-c", "true").returncode == 76
+    env = env_of(seen)
+    assert env["TASKRUNNER_EVENT"] == "stuck"
+    assert env["TASKRUNNER_NAME"] == "backup"
+    assert env["TASKRUNNER_LOCKFILE"] == str(lock)
+    assert env["TASKRUNNER_COUNT"] == "2"
+    assert env["TASKRUNNER_HOLDER_PID"] == str(procs[0].pid)
+    assert env["TASKRUNNER_HOLDER_HOST"] == HOST
+    since = datetime.fromisoformat(env["TASKRUNNER_HOLDER_SINCE"]).timestamp()
+    assert before - 1 <= since <= time.time()
+    go.touch()
+
+
+def test_on_recover_hook_runs_on_a_stale_takeover(lockdir: Path, tmp_path: Path):
+    lock, seen, ran = lockdir / "job.lock", tmp_path / "env", tmp_path / "ran"
+    dead = leave_stale(lock)
+    result = run("-l", str(lock), "--on-recover", f"env > {seen}", "-c", f"touch {ran}")
+    assert result.returncode == 0
+    assert ran.exists()
+    env = env_of(seen)
+    assert env["TASKRUNNER_EVENT"] == "stale"
+    assert env["TASKRUNNER_HOLDER_PID"] == str(dead)
+    assert env["TASKRUNNER_HOLDER_HOST"] == HOST
+    assert env["TASKRUNNER_LOCKFILE"] == str(lock)
+    # A run that finds no dead holder runs no hook.
+    seen.unlink()
+    assert run("-l", str(lock), "--on-recover", f"env > {seen}", "-c", "true").returncode == 0
+    assert not seen.exists()
+
+
+def test_a_failing_hook_never_changes_the_status(lockdir: Path, tmp_path: Path, procs):
+    lock, go = lockdir / "job.lock", tmp_path / "go"
+    procs.append(hold(lock, go))
+    result = run("-l", str(lock), "--stuck-after", "0.001", "--on-stuck", "echo from the hook; exit 9",
+                 "-c", "true")  # fmt: skip
+    assert result.returncode == 76
+    assert result.stdout == "", "the run's stdout is the command's alone"
+    assert "from the hook" in result.stderr
+    assert "taskrunner: warning: job.lock: --on-stuck hook failed with status 9" in result.stderr
+    go.touch()
+
+
+def test_a_hanging_hook_is_cut_off_with_what_it_started(lockdir: Path, tmp_path: Path, procs):
+    lock, go, pids = lockdir / "job.lock", tmp_path / "go", tmp_path / "pids"
+    procs.append(hold(lock, go))
+    hook = f"sleep 300 & echo $! > {pids}; echo $$ >> {pids}; wait"
+    result = run("-l", str(lock), "--stuck-after", "0.001", "--on-stuck", hook,
+                 "--hook-timeout", "0.5", "-c", "true")  # fmt: skip
+    assert result.returncode == 76
+    assert "--on-stuck hook cut off after 0.5s" in result.stderr
+    for pid in map(int, pids.read_text().split()):
+        wait_for(lambda pid=pid: not alive(pid), f"hook process {pid} to be gone", timeout=5)
+    go.touch()
+
+
+def test_a_hanging_recover_hook_still_lets_the_command_run(lockdir: Path, tmp_path: Path):
+    lock = lockdir / "job.lock"
+    leave_stale(lock)
+    result = run("-l", str(lock), "--on-recover", "sleep 300", "--hook-timeout", "0.3",
+                 "-c", "exit 5")  # fmt: skip
+    assert result.returncode == 5
+    assert "--on-recover hook cut off after 0.3s" in result.stderr
+    assert not lock.exists()
+
+
+# -- --notify-url ----------------------------------------------------------------------
+
+
+class Receiver(http.server.ThreadingHTTPServer):
+    """A real HTTP server on 127.0.0.1 that keeps what is posted to it."""
+
+    daemon_threads = True
+
+    def __init__(self, answer: int = 200, hang: bool = False) -> None:
+        self.posts: list[tuple[str, dict[str, str], bytes]] = []
+        self.answer, self.hang = answer, hang
+        self.release = threading.Event()
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if isinstance(self.socket, ssl.SSLSocket) else "http"
+        return f"{scheme}://127.0.0.1:{self.server_address[1]}/hook/abc"
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: Receiver
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.server.posts.append((self.path, dict(self.headers), body))
+        if self.server.hang:
+            self.server.release.wait(60)
+        self.send_response(self.server.answer)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def receiver(request):
+    server = Receiver(**getattr(request, "param", {}))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.release.set()
+    server.shutdown()
+    server.server_close()
+
+
+def posted(server: Receiver) -> dict[str, object]:
+    ((path, headers, body),) = server.posts
+    assert path == "/hook/abc"
+    assert headers["Content-Type"] == "application/json"
+    return json.loads(body)  # type: ignore[no-any-return]
+
+
+def test_notify_url_posts_the_stuck_event(lockdir: Path, tmp_path: Path, procs, receiver):
+    lock, go, counter = lockdir / "job.lock", tmp_path / "go", tmp_path / "c"
+    procs.append(hold(lock, go))
+    result = run("-l", str(lock), "--stuck-after", "0.001", "--notify-url",
+                 receiver.url, "-c", "true")  # fmt: skip
+    assert result.returncode == 76
+    event = posted(receiver)
+    assert event["event"] == "stuck"
+    assert event["name"] == "job.lock"
+    assert event["lockfile"] == str(lock)
+    assert event["count"] == 0
+    assert event["host"] == HOST
+    holder = event["holder"]
+    assert isinstance(holder, dict)
+    assert holder["pid"] == procs[0].pid
+    assert holder["host"] == HOST
+    assert "sh -c" in holder["command"]
+    datetime.fromisoformat(str(event["time"]))
+    datetime.fromisoformat(str(holder["since"]))
+    assert "looks stuck" in str(event["message"])
+
+    receiver.posts.clear()
+    result = run("-l", str(lock), "-t", "1", "-f", str(counter), "--notify-url", receiver.url,
+                 "-c", "true")  # fmt: skip
+    assert result.returncode == 75
+    assert receiver.posts == [], "a quiet refusal posts nothing"
+    assert run("-l", str(lock), "-t", "1", "-f", str(counter), "--notify-url", receiver.url,
+               "-c", "true").returncode == 76  # fmt: skip
+    assert posted(receiver)["count"] == 2
+    go.touch()
+
+
+def test_notify_url_posts_the_stale_event(lockdir: Path, receiver):
+    lock = lockdir / "job.lock"
+    dead = leave_stale(lock)
+    result = run("-l", str(lock), "--notify-url", receiver.url, "-c", "exit 3")
+    assert result.returncode == 3
+    event = posted(receiver)
+    assert event["event"] == "stale"
+    holder = event["holder"]
+    assert isinstance(holder, dict)
+    assert holder["pid"] == dead
+
+
+def test_notify_url_manual_hold_has_no_holder(lockdir: Path, receiver):
+    lock = lockdir / "job.lock"
+    lock.write_text("")
+    result = run("-l", str(lock), "--stuck-after", "0.001", "--notify-url", receiver.url,
+                 "-c", "true")  # fmt: skip
+    assert result.returncode == 76
+    event = posted(receiver)
+    assert event["holder"] is None
+    datetime.fromisoformat(str(event["since"]))
+
+
+@pytest.mark.parametrize("receiver", [{"answer": 500}], indirect=True)
+def test_notify_url_error_answer_is_a_warning(lockdir: Path, receiver):
+    lock = lockdir / "job.lock"
+    lock.write_text("")
+    result = run("-l", str(lock), "--stuck-after", "0.001", "--notify-url", receiver.url,
+                 "-c", "true")  # fmt: skip
+    assert result.returncode == 76
+    assert (
+        f"taskrunner: warning: job.lock: {receiver.url}: the server answered 500" in result.stderr
+    )
+
+
+@pytest.mark.parametrize("receiver", [{"hang": True}], indirect=True)
+def test_notify_url_that_never_answers_is_cut_off(lockdir: Path, receiver):
+    lock = lockdir / "job.lock"
+    lock.write_text("")
+    result = run("-l", str(lock), "--stuck-after", "0.001", "--notify-url", receiver.url,
+                 "--hook-timeout", "0.5", "-c", "true")  # fmt: skip
+    assert result.returncode == 76
+    assert len(receiver.posts) == 1
+    assert "no answer within 0.5s" in result.stderr or "timed out" in result.stderr
+
+
+def test_notify_url_nobody_listening_is_a_warning(lockdir: Path):
+    lock = lockdir / "job.lock"
+    lock.write_text("")
+    result = run("-l", str(lock), "--stuck-after", "0.001", "--notify-url",
+                 "http://127.0.0.1:9/x", "-c", "true")  # fmt: skip
+    assert result.returncode == 76
+    assert "http://127.0.0.1:9/x: connection refused" in result.stderr.lower()
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/x", "example.com", "https://", ""])
+def test_notify_url_must_be_http(lockdir: Path, url: str):
+    result = run("-l", str(lockdir / "job.lock"), "--notify-url", url, "-c", "true")
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].startswith("taskrunner: error: --notify-url")
+
+
+@pytest.fixture
+def tls_receiver(tmp_path: Path):
+    """An HTTPS receiver with a certificate for 127.0.0.1 made for the test."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    server = Receiver()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, cert
+    server.shutdown()
+    server.server_close()
+
+
+def test_notify_url_over_https(lockdir: Path, tls_receiver):
+    server, cert = tls_receiver
+    lock = lockdir / "job.lock"
+    lock.write_text("")
+    options = ("-l", str(lock), "--stuck-after", "0.001", "--notify-url", server.url, "-c", "true")
+    trusted = run(*options, env={**os.environ, "SSL_CERT_FILE": str(cert)})
+    assert trusted.returncode == 76
+    assert posted(server)["event"] == "stuck"
+    assert "warning" not in trusted.stderr
+    # A certificate nobody vouches for is refused, as it should be, with one warning.
+    server.posts.clear()
+    untrusted = run(*options, env={k: v for k, v in os.environ.items() if k != "SSL_CERT_FILE"})
+    assert untrusted.returncode == 76
+    assert server.posts == []
+    assert "certificate verify failed" in untrusted.stderr
+
+
+def test_hooks_and_post_under_a_storm_stay_bounded(lockdir: Path, tmp_path: Path, procs, receiver):
+    """Every refusal of 20 at once past the age posts once, and none waits on another."""
+    lock, go = lockdir / "job.lock", tmp_path / "go"
+    procs.append(hold(lock, go))
+    runs = [
+        start("-l", str(lock), "--stuck-after", "0.001", "--notify-url", receiver.url, "-c", "true")
+        for _ in range(20)
+    ]
+    assert [finish(p)[0] for p in runs] == [76] * 20
+    assert len(receiver.posts) == 20
+    go.touch()
