@@ -29,7 +29,9 @@ _DIGITS = frozenset("0123456789")
 
 USAGE = """\
 taskrunner -c CMD -l LOCKFILE [-t N -f COUNTERFILE] [options]
-       taskrunner -l LOCKFILE [-t N -f COUNTERFILE] [options] -- PROGRAM [ARG...]"""
+       taskrunner -l LOCKFILE [-t N -f COUNTERFILE] [options] -- PROGRAM [ARG...]
+       taskrunner status [--json] [-f COUNTERFILE] LOCKFILE...
+       taskrunner unlock [--force] LOCKFILE"""
 
 DESCRIPTION = """\
 Run a command only when no other run with the same lock is in progress, count the runs
@@ -51,7 +53,14 @@ exit status:
   124                the command reached --timeout and was stopped
   126, 127           the program cannot be run, or was not found
 
-The command gets TASKRUNNER_LOCKFILE and TASKRUNNER_NAME in its environment."""
+The command gets TASKRUNNER_LOCKFILE and TASKRUNNER_NAME in its environment. Hooks get
+TASKRUNNER_EVENT (stuck or stale), TASKRUNNER_NAME, TASKRUNNER_LOCKFILE, TASKRUNNER_COUNT,
+TASKRUNNER_HOLDER_PID, TASKRUNNER_HOLDER_HOST and TASKRUNNER_HOLDER_SINCE.
+
+taskrunner status [--json] [-f COUNTERFILE] LOCKFILE...
+  each lock's state (free, held, stale, manual), holder and age; exit 71 if one cannot be read
+taskrunner unlock [--force] LOCKFILE
+  remove a stale lock (--force: also a manual hold); a live one is refused with 75"""
 
 
 class UsageError(Exception):
@@ -82,6 +91,12 @@ def count(text: str) -> int:
     if not text or not _DIGITS.issuperset(text) or len(text) > 18:
         raise ValueError(f"not a whole number of 0 or more: {text!r}")
     return int(text)
+
+
+def url(text: str) -> str:
+    if not text.startswith(("http://", "https://")) or len(text) <= len("https://"):
+        raise ValueError(f"not an http:// or https:// URL: {text!r}")
+    return text
 
 
 def log_format(text: str) -> str:
@@ -117,7 +132,7 @@ class Option:
         self.choices = choices
 
 
-_JOB, _RUN, _OUT = "the job", "run options", "output"
+_JOB, _RUN, _STUCK, _OUT = "the job", "run options", "when a job is stuck", "output"
 OPTIONS = (
     Option(("-c", "--command"), str, "command to run through /bin/sh -c "
            "(or give -- PROGRAM [ARG...])", _JOB, "CMD"),
@@ -135,8 +150,20 @@ OPTIONS = (
            "(default 10s; 0: KILL at once)", _RUN, "DURATION"),
     Option(("--cumulative",), FLAG, "keep counting refusals across successful runs; the count "
            "resets only when a report fires", _RUN),
-    Option(("--name",), str, "the job's name in messages and logs (default: the lock file's "
-           "name)", _RUN, "NAME"),
+    Option(("--name",), str, "the job's name in messages, logs, hooks and metrics (default: "
+           "the lock file's name)", _RUN, "NAME"),
+    Option(("--quiet-success",), FLAG, "hold the command's output on disk and show it only if "
+           "the command fails, like chronic", _RUN),
+    Option(("--stuck-after",), duration, "also report a refusal (exit 76) when the holder has "
+           "held the lock longer than DURATION", _STUCK, "DURATION"),
+    Option(("--on-stuck",), str, "run CMD through sh when a report fires", _STUCK, "CMD"),
+    Option(("--on-recover",), str, "run CMD through sh when a run takes over the lock of a "
+           "holder that died", _STUCK, "CMD"),
+    Option(("--notify-url",), url, "POST each such event as JSON to URL", _STUCK, "URL"),
+    Option(("--hook-timeout",), duration, "cut hooks and the POST off after DURATION "
+           "(default 30s)", _STUCK, "DURATION"),
+    Option(("--metrics-file",), str, "write Prometheus metrics to PATH after every run, for "
+           "node_exporter's textfile collector", _STUCK, "PATH"),
     Option(("-q", "--quiet"), FLAG, "errors only on stderr", _OUT),
     Option(("-v", "--verbose"), COUNT, "more of taskrunner's own lines on stderr (-vv for "
            "debug)", _OUT),
@@ -248,17 +275,24 @@ def _job_from(values: dict[str, object], program: list[str] | None) -> Job:
         raise UsageError("--cumulative needs -t N -f COUNTERFILE")
     if values.get("quiet") and values.get("verbose"):
         raise UsageError("-q/--quiet and -v/--verbose contradict each other")
-    for key in ("command", "lockfile", "counter_file", "name", "log_file"):
+    for key in ("command", "lockfile", "counter_file", "name", "log_file", "on_stuck",
+                "on_recover", "metrics_file"):  # fmt: skip
         if values.get(key) == "":
             raise UsageError(f"--{key.replace('_', '-')} is empty")
     if program == []:
         raise UsageError("no program after --")
     if program is not None and not program[0]:
         raise UsageError("the program after -- is empty")
-    if counter_file is not None and os.path.abspath(counter_file) == os.path.abspath(lockfile):
-        raise UsageError("the counter file must not be the lock file")
+    files = [("the counter file", counter_file), ("the metrics file", text("metrics_file"))]
+    for what, path in files:
+        if path is not None and os.path.abspath(path) == os.path.abspath(lockfile):
+            raise UsageError(f"{what} must not be the lock file")
     name = text("name") or os.path.basename(lockfile) or lockfile
-    wait, timeout, kill_after = values.get("wait"), values.get("timeout"), values.get("kill_after")
+
+    def seconds(key: str, default: float) -> float:
+        value = values.get(key)
+        return value if isinstance(value, float) else default
+
     return Job(
         lockfile,
         [command] if command is not None else list(program or ()),
@@ -267,15 +301,26 @@ def _job_from(values: dict[str, object], program: list[str] | None) -> Job:
         threshold=threshold if isinstance(threshold, int) else 0,
         counter_file=counter_file,
         cumulative=bool(values.get("cumulative")),
-        wait=wait if isinstance(wait, float) else 0.0,
-        timeout=timeout if isinstance(timeout, float) else 0.0,
-        kill_after=kill_after if isinstance(kill_after, float) else 10.0,
+        wait=seconds("wait", 0.0),
+        timeout=seconds("timeout", 0.0),
+        kill_after=seconds("kill_after", 10.0),
+        stuck_after=seconds("stuck_after", 0.0),
+        on_stuck=text("on_stuck"),
+        on_recover=text("on_recover"),
+        notify_url=text("notify_url"),
+        hook_timeout=seconds("hook_timeout", 30.0),
+        metrics_file=text("metrics_file"),
+        quiet_success=bool(values.get("quiet_success")),
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] in (["status"], ["unlock"]):
+        from taskrunner.status import main as operate
+
+        return operate(args[0], args[1:])
     program = None
     if "--" in args:
         cut = args.index("--")
