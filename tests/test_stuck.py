@@ -357,3 +357,18 @@ def test_hooks_and_post_under_a_storm_stay_bounded(lockdir: Path, tmp_path: Path
     assert [finish(p)[0] for p in runs] == [76] * 20
     assert len(receiver.posts) == 20
     go.touch()
+
+
+def test_the_events_reach_the_log_file(lockdir: Path, tmp_path: Path, receiver):
+    lock, log = lockdir / "job.lock", tmp_path / "events.log"
+    lock.write_text("")
+    result = run("-l", str(lock), "--stuck-after", "0.001", "--on-stuck", "exit 4",
+                 "--notify-url", receiver.url, "--log-file", str(log), "--log-format", "json",
+                 "-c", "true")  # fmt: skip
+    assert result.returncode == 76
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["event"] for r in records] == ["stuck", "hook", "notify"]
+    assert [r["level"] for r in records] == ["error", "warning", "info"]
+    for record in records:
+        assert record["pid"] == records[0]["pid"]
+        datetime.fromisoformat(record["time"])

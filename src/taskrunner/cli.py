@@ -49,7 +49,7 @@ exit status:
   2                  usage error
   71                 the lock or counter cannot be used; the command did not run
   75                 busy: another run (or a manual hold) has the lock; not run
-  76                 busy, and this refusal took the count past the threshold: reported
+  76                 busy, and past the threshold or --stuck-after: reported
   124                the command reached --timeout and was stopped
   126, 127           the program cannot be run, or was not found
 
@@ -132,7 +132,7 @@ class Option:
         self.choices = choices
 
 
-_JOB, _RUN, _STUCK, _OUT = "the job", "run options", "when a job is stuck", "output"
+_JOB, _RUN, _WATCH, _OUT = "the job", "run options", "monitoring", "output"
 OPTIONS = (
     Option(("-c", "--command"), str, "command to run through /bin/sh -c "
            "(or give -- PROGRAM [ARG...])", _JOB, "CMD"),
@@ -155,15 +155,15 @@ OPTIONS = (
     Option(("--quiet-success",), FLAG, "hold the command's output on disk and show it only if "
            "the command fails, like chronic", _RUN),
     Option(("--stuck-after",), duration, "also report a refusal (exit 76) when the holder has "
-           "held the lock longer than DURATION", _STUCK, "DURATION"),
-    Option(("--on-stuck",), str, "run CMD through sh when a report fires", _STUCK, "CMD"),
+           "held the lock longer than DURATION", _WATCH, "DURATION"),
+    Option(("--on-stuck",), str, "run CMD through sh when a report fires", _WATCH, "CMD"),
     Option(("--on-recover",), str, "run CMD through sh when a run takes over the lock of a "
-           "holder that died", _STUCK, "CMD"),
-    Option(("--notify-url",), url, "POST each such event as JSON to URL", _STUCK, "URL"),
+           "holder that died", _WATCH, "CMD"),
+    Option(("--notify-url",), url, "POST each such event as JSON to URL", _WATCH, "URL"),
     Option(("--hook-timeout",), duration, "cut hooks and the POST off after DURATION "
-           "(default 30s)", _STUCK, "DURATION"),
-    Option(("--metrics-file",), str, "write Prometheus metrics to PATH after every run, for "
-           "node_exporter's textfile collector", _STUCK, "PATH"),
+           "(default 30s)", _WATCH, "DURATION"),
+    Option(("--metrics-file",), str, "write Prometheus metrics to PATH after every invocation, for "
+           "node_exporter's textfile collector", _WATCH, "PATH"),
     Option(("-q", "--quiet"), FLAG, "errors only on stderr", _OUT),
     Option(("-v", "--verbose"), COUNT, "more of taskrunner's own lines on stderr (-vv for "
            "debug)", _OUT),
