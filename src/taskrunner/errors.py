@@ -28,6 +28,11 @@ class CounterUnusable(Unusable):
     """The counter file cannot be read or updated."""
 
 
+class MetricsUnusable(Unusable):
+    """The metrics file cannot be read or written. It is written once the invocation is
+    over, so what this means for the exit status is the caller's to say."""
+
+
 class LockBusy(TaskrunnerError):
     """Another run holds the lock, or an operator put a file of their own in its place."""
 
