@@ -13,6 +13,10 @@ inherits. Everyone else asks for an exclusive flock, so either keeps them out; t
 as long as the runner or anything of the command's that kept the descriptor. At release the
 runner converts its flock to an exclusive one: that succeeds only if nothing of the command's
 still holds the lock, and only then is the file removed.
+
+For operators, ``inspect`` tells what is at the path without taking a flock (a run trying the
+lock at that moment would be refused), and ``unlock`` removes a stale lock by the same steps
+as a run taking it over, so that the two can meet safely.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from taskrunner.fsutil import (
     still_named,
     write_all,
 )
-from taskrunner.holder import Holder, process_start
+from taskrunner.holder import Holder, pid_namespace, process_start, running
 from taskrunner.signals import SignalWatch
 
 _READ_LIMIT = 65537
@@ -102,11 +106,7 @@ class FileLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = Holder.decode(os.pread(fd, _READ_LIMIT, 0))
-                # A lock has one link, but for a moment where records need names of their own
-                # (no O_TMPFILE). More is someone's hard link to another file: say so.
-                if st.st_nlink > 1 and (holder is None or self._anonymous):
-                    raise LockUnusable(self.path, f"has {st.st_nlink} hard links") from None
+                holder = self._record(fd, st)
                 self._busy_fd = fd
                 raise LockBusy(self.path, holder, st.st_mtime) from None
             # Nobody holds this file. Is it still the one at the path?
@@ -114,9 +114,7 @@ class FileLock:
                 return
             dead = Holder.decode(os.pread(fd, _READ_LIMIT, 0))
             if dead is None:
-                links = os.fstat(fd).st_nlink
-                if links > 1:
-                    raise LockUnusable(self.path, f"has {links} hard links")
+                self._one_link(fd)
                 raise LockBusy(self.path, None, st.st_mtime)
             if dead.is_alive():
                 # Its runner is between two flocks as it lets go, or was killed while its
@@ -385,5 +383,185 @@ class FileLock:
             close(self._busy_fd)
             self._busy_fd = None
 
+    def _record(self, fd: int, st: os.stat_result) -> Holder | None:
+        """The record in a file another process may be using; raises if it is a hard link."""
+        holder = Holder.decode(os.pread(fd, _READ_LIMIT, 0))
+        # A lock has one link, but for a moment where records need names of their own
+        # (no O_TMPFILE). More is someone's hard link to another file: say so.
+        if st.st_nlink > 1 and (holder is None or self._anonymous):
+            raise LockUnusable(self.path, f"has {st.st_nlink} hard links") from None
+        return holder
 
-__all__ = ["FileLock"]
+    def _one_link(self, fd: int) -> None:
+        """Raise if the file, a manual hold nobody else uses, is a hard link to another."""
+        links = os.fstat(fd).st_nlink
+        if links > 1:
+            raise LockUnusable(self.path, f"has {links} hard links")
+
+    # -- operations: what an operator sees and clears ----------------------------------
+
+    def inspect(self) -> LockState:
+        """What is at the path now, judged as a run would judge it, without disturbing one:
+        no flock is taken where anything else can tell (see :func:`_flocked`). Raises
+        ``LockUnusable`` for a path a run could not use."""
+        dirfd = self._open_dir()
+        for _ in range(_MAX_ATTEMPTS):
+            try:
+                fd = os.open(self._name, os.O_RDONLY | OPEN_FLAGS, dir_fd=dirfd)
+            except FileNotFoundError:
+                return LockState(FREE)
+            except OSError as exc:
+                raise LockUnusable(self.path, reason(exc)) from None
+            try:
+                state = self._judge(fd)
+                # The answer is about the file opened: is it still the one at the path?
+                if still_named(dirfd, self._name, os.fstat(fd)):
+                    return state
+            except OSError as exc:
+                raise LockUnusable(self.path, reason(exc)) from None
+            finally:
+                close(fd)
+        raise LockUnusable(self.path, "the lock file keeps changing")
+
+    def _judge(self, fd: int) -> LockState:
+        st = os.fstat(fd)
+        why = check_ours(st)
+        if why:
+            raise LockUnusable(self.path, why)
+        holder = self._record(fd, st)
+        if holder is None:
+            return LockState(MANUAL, None, st.st_mtime)
+        alive = holder.is_alive()
+        if alive:
+            return LockState(HELD, holder, runner_running=_runner_running(holder))
+        # A record from another host or boot (alive is None) is on a network file system,
+        # whose other clients' locks this host's /proc/locks does not list.
+        flocked = _flocked(st) if alive is False else None
+        if flocked is None:
+            flocked = _probe(fd)
+        if not flocked:
+            return LockState(STALE, holder)
+        # Held with no runner or command alive: processes the command started hold it.
+        return LockState(HELD, holder, runner_running=alive is None)
+
+    def unlock(self, force: bool = False) -> LockState | None:
+        """Remove a stale lock (with ``force``, a manual hold too) as a run taking it over
+        would, so that a run doing that at the same moment is safe. Returns what was removed,
+        None if there was no lock; raises ``LockBusy`` for a live lock or, without ``force``,
+        a manual hold, and ``LockUnusable`` for a path a run could not use."""
+        dirfd = self._open_dir()
+        for _ in range(_MAX_ATTEMPTS):
+            try:
+                fd = os.open(self._name, os.O_RDONLY | OPEN_FLAGS, dir_fd=dirfd)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise LockUnusable(self.path, reason(exc)) from None
+            try:
+                removed = self._remove_dead(dirfd, fd, force)
+            except OSError as exc:
+                raise LockUnusable(self.path, reason(exc)) from None
+            finally:
+                close(fd)
+            if removed is not None:
+                return removed
+        raise LockUnusable(self.path, "the lock file keeps changing")
+
+    def _remove_dead(self, dirfd: int, fd: int, force: bool) -> LockState | None:
+        """Remove the file ``fd`` if nobody holds it; None if the path changed (look again)."""
+        st = os.fstat(fd)
+        why = check_ours(st)
+        if why:
+            raise LockUnusable(self.path, why)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockBusy(self.path, self._record(fd, st), st.st_mtime) from None
+        if not still_named(dirfd, self._name, st):
+            return None
+        dead = Holder.decode(os.pread(fd, _READ_LIMIT, 0))
+        if dead is None:
+            self._one_link(fd)
+            if not force:
+                raise LockBusy(self.path, None, st.st_mtime)
+        elif dead.is_alive():
+            raise LockBusy(self.path, dead, st.st_mtime)  # its runner is between two flocks
+        # Removed while we hold its flock, as a run removes a stale lock: a run that opened
+        # it too finds it unnamed once it wins the flock, and looks again.
+        try:
+            os.unlink(self._name, dir_fd=dirfd)
+        except FileNotFoundError:
+            return None
+        return LockState(MANUAL, None, st.st_mtime) if dead is None else LockState(STALE, dead)
+
+
+FREE, HELD, STALE, MANUAL = "free", "held", "stale", "manual"
+
+
+class LockState:
+    """What :meth:`FileLock.inspect` found: ``state`` is FREE, HELD (a live holder), STALE
+    (a holder that is gone) or MANUAL (a file taskrunner did not write)."""
+
+    __slots__ = ("holder", "runner_running", "since", "state")
+
+    def __init__(
+        self,
+        state: str,
+        holder: Holder | None = None,
+        since: float | None = None,
+        runner_running: bool = False,
+    ) -> None:
+        self.state = state
+        #: The record; None when FREE or MANUAL.
+        self.holder = holder
+        #: When the hold began (Unix time): the record's start, or a manual hold's mtime.
+        self.since = since if holder is None else (holder.started or None)
+        #: Whether the run that wrote the record still runs: False when HELD only by its
+        #: command or what that started; True where it cannot be told (another host).
+        self.runner_running = runner_running
+
+
+_INIT_PIDNS = 0xEFFFFFFC  # the inode of the kernel's first pid namespace (PROC_PID_INIT_INO)
+
+
+def _runner_running(holder: Holder) -> bool:
+    """Whether the runner of a live record (this boot's) runs; True if its pids are not ours."""
+    if holder.pidns is not None and holder.pidns != pid_namespace():
+        return True
+    return running(holder.pid, holder.proc_start)
+
+
+def _flocked(st: os.stat_result) -> bool | None:
+    """Whether a process holds a flock on the file ``st`` describes, from /proc/locks; None
+    if that cannot tell. Reading it stalls every flock on the machine for an RCU grace
+    period: fine for an operator's look, never for a run."""
+    try:
+        with open("/proc/locks", "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError:
+        return None
+    inode = b":%d" % st.st_ino
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 4242 fe:01:1234 0 EOF"; a blocked waiter's has "->".
+        if len(fields) > 5 and fields[1] == b"FLOCK" and fields[5].endswith(inode):
+            # The device is not compared: btrfs subvolumes list another one than stat
+            # gives. Another file's flock on the same inode number errs on the side of held.
+            return True
+    # In any other pid namespace, /proc/locks leaves out the flocks of processes it cannot
+    # see, such as a dead runner's, which its command holds on: there, absence proves nothing.
+    return False if pid_namespace() == _INIT_PIDNS else None
+
+
+def _probe(fd: int) -> bool:
+    """Whether a process holds a flock on ``fd``'s file, found by trying to take one. Only
+    where /proc/locks cannot tell: a run that tries the lock at this very moment is refused."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False
+
+
+__all__ = ["FREE", "HELD", "MANUAL", "STALE", "FileLock", "LockState"]
