@@ -271,11 +271,10 @@ def test_several_locks_in_the_order_given(lockdir: Path, tmp_path: Path, procs):
 
 def test_a_relative_path_is_shown_as_given(lockdir: Path):
     (lockdir / "job.lock").write_text("")
-    assert the("job.lock") == {"lockfile": "job.lock", "state": "free", "holder": None,
-                               "since": None, "age": None}  # fmt: skip
-    result = status("--json", "job.lock", cwd=lockdir)
-    assert json.loads(result.stdout)[0]["lockfile"] == "job.lock"
-    assert json.loads(result.stdout)[0]["state"] == "manual"
+    result = status("--json", "job.lock", "../locks/job.lock", cwd=lockdir)
+    found = json.loads(result.stdout)
+    assert [f["lockfile"] for f in found] == ["job.lock", "../locks/job.lock"]
+    assert [f["state"] for f in found] == ["manual", "manual"]
 
 
 def test_the_count_of_refusals(lockdir: Path, tmp_path: Path, procs):
