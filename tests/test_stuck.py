@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import shutil
 import ssl
 import subprocess
 import threading
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import alive, finish, hold, leave_stale, run, start, wait_for
+from conftest import HANG, TASKRUNNER, alive, finish, hold, leave_stale, run, start, wait_for
 
 HOST = os.uname().nodename
 
@@ -372,3 +373,23 @@ def test_the_events_reach_the_log_file(lockdir: Path, tmp_path: Path, receiver):
     for record in records:
         assert record["pid"] == records[0]["pid"]
         datetime.fromisoformat(record["time"])
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+@pytest.mark.parametrize("receiver", [{"hang": True}], indirect=True)
+def test_an_abandoned_post_does_not_take_the_runners_signals(lockdir: Path, receiver):
+    """The POST still waits when the command starts and ends. The command's SIGCHLD, and a
+    TERM, must still reach the runner and not the thread of the POST. strace slows each
+    pwrite (the record's update once the command has started) so that the command has ended
+    before the runner waits for it."""
+    lock = lockdir / "job.lock"
+    leave_stale(lock)
+    slow = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=pwrite64",
+            "-e", "inject=pwrite64:delay_exit=300000"]  # fmt: skip
+    result = subprocess.run(
+        [*slow, *TASKRUNNER, "-l", str(lock), "--notify-url", receiver.url,
+         "--hook-timeout", "0.5", "-c", "exit 3"],
+        capture_output=True, text=True, timeout=HANG, start_new_session=True,
+    )  # fmt: skip
+    assert result.returncode == 3
+    assert "no answer within 0.5s" in result.stderr

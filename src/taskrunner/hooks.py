@@ -110,7 +110,14 @@ def deliver(
         # A thread, so that a name lookup, which no socket timeout covers, cannot hold the run
         # beyond the bound either: one still running at the end is abandoned.
         poster = threading.Thread(target=_post, args=(url, event, timeout, failure), daemon=True)
-        poster.start()
+        # Born with every signal blocked, so that it never takes one meant for the runner:
+        # the command's SIGCHLD, or a TERM to pass on, while the runner waits in sigwaitinfo
+        # with them blocked, would otherwise go to this thread and be lost.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            poster.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     end = time.monotonic() + timeout
     if hook is not None:
         _run_hook(hook, event, timeout, reporter)
