@@ -99,3 +99,20 @@ def test_taking_the_lock_on_a_full_disk_fails_and_keeps_the_count(tmp_path: Path
     assert "no space left on device" in err
     assert files["C"] == "3\n"
     assert sorted(left) == ["C", "fill"]
+
+
+def test_quiet_success_with_its_output_cut_short_says_so(tmp_path: Path):
+    """--quiet-success holds the output in $TMPDIR: when that fills up, the command's writes
+    fail. taskrunner says so and shows what there is, whatever the command's status."""
+    d, locks = tmp_path / "mnt", tmp_path / "locks"
+    d.mkdir()
+    locks.mkdir()
+    out = tmp_path / "out"
+    status, stderr, _, _ = in_namespace(
+        d, "", f"TMPDIR={d} {TR} -l {locks}/job.lock --quiet-success -c 'seq 1 100000' > {out}"
+    )
+    assert status == 1, "seq itself fails: it could not write its output"
+    assert f"job.lock: {d} is full: the command's output held there may be cut short" in stderr
+    shown = out.read_text()
+    assert shown.startswith("1\n2\n3\n")
+    assert 0 < len(shown) < len("".join(f"{i}\n" for i in range(1, 100001)))

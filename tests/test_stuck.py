@@ -7,6 +7,8 @@ import http.server
 import json
 import os
 import shutil
+import signal
+import socket
 import ssl
 import subprocess
 import threading
@@ -393,3 +395,132 @@ def test_an_abandoned_post_does_not_take_the_runners_signals(lockdir: Path, rece
     )  # fmt: skip
     assert result.returncode == 3
     assert "no answer within 0.5s" in result.stderr
+
+
+def test_a_signal_while_the_hook_runs_stops_it_and_ends_the_run(lockdir: Path, tmp_path: Path):
+    lock, pids = lockdir / "job.lock", tmp_path / "pids"
+    lock.write_text("")
+    proc = start("-l", str(lock), "--stuck-after", "0.001", "--hook-timeout", "60",
+                 "--on-stuck", f"sleep 300 & echo $! > {pids}; wait", "-c", "true")  # fmt: skip
+    wait_for(lambda: pids.exists() and pids.read_text().strip(), "the hook to start")
+    proc.send_signal(signal.SIGTERM)
+    status, _, err = finish(proc)
+    assert status == 128 + signal.SIGTERM
+    assert "--on-stuck hook stopped: signal 15 arrived" in err
+    wait_for(lambda: not alive(int(pids.read_text())), "the hook's process to be gone", timeout=5)
+
+
+@pytest.mark.parametrize("receiver", [{"hang": True}], indirect=True)
+def test_a_signal_while_the_post_waits_ends_the_run(lockdir: Path, receiver):
+    lock = lockdir / "job.lock"
+    lock.write_text("")
+    proc = start("-l", str(lock), "--stuck-after", "0.001", "--hook-timeout", "60",
+                 "--notify-url", receiver.url, "-c", "true")  # fmt: skip
+    wait_for(lambda: receiver.posts, "the POST to arrive")
+    proc.send_signal(signal.SIGTERM)
+    assert finish(proc)[0] == 128 + signal.SIGTERM
+
+
+def test_what_the_hook_started_is_killed_even_if_the_hook_ends_at_term(
+    lockdir: Path, tmp_path: Path
+):
+    lock, pids = lockdir / "job.lock", tmp_path / "pids"
+    lock.write_text("")
+    hook = f"(trap '' TERM; exec sleep 300) & echo $! > {pids}; wait"
+    result = run("-l", str(lock), "--stuck-after", "0.001", "--on-stuck", hook,
+                 "--hook-timeout", "0.5", "-c", "true")  # fmt: skip
+    assert result.returncode == 76
+    assert not alive(int(pids.read_text())), "KILL follows TERM for the rest of the group"
+
+
+@pytest.mark.parametrize(
+    "url", ["http://[::1", "http://a b/", "http://127.0.0.1:abc/", "http:///x"]
+)
+def test_notify_url_malformed_is_a_usage_error(lockdir: Path, url: str):
+    result = run("-l", str(lockdir / "job.lock"), "--notify-url", url, "-c", "true")
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].startswith("taskrunner: error: --notify-url")
+
+
+def test_notify_url_scheme_in_capitals(lockdir: Path, receiver):
+    lock = lockdir / "job.lock"
+    lock.write_text("")
+    url = receiver.url.replace("http://", "HTTP://")
+    result = run("-l", str(lock), "--stuck-after", "0.001", "--notify-url", url, "-c", "true")
+    assert result.returncode == 76
+    assert posted(receiver)["event"] == "stuck"
+
+
+def _raw_server(answer: bytes) -> tuple[socket.socket, list[bytes]]:
+    """A server on 127.0.0.1 that reads one request and sends ``answer``, whatever it is."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    requests: list[bytes] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                requests.append(conn.recv(65536))
+                conn.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, requests
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (b"HELLO THERE\r\n\r\n", "HELLO THERE"),
+        (b"HTTP/1.1 302 Found\r\nLocation: /elsewhere\r\nContent-Length: 0\r\n\r\n",
+         "the server answered 302 Found (redirects are not followed: give the final URL)"),
+    ],
+)  # fmt: skip
+def test_notify_url_odd_answers_are_one_warning(lockdir: Path, answer: bytes, expected: str):
+    listener, requests = _raw_server(answer)
+    lock = lockdir / "job.lock"
+    lock.write_text("")
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/x"
+    result = run("-l", str(lock), "--stuck-after", "0.001", "--notify-url", url, "-v",
+                 "-c", "true")  # fmt: skip
+    listener.close()
+    assert result.returncode == 76
+    assert "Traceback" not in result.stderr
+    assert expected in result.stderr
+    assert "posted the stuck event" not in result.stderr
+    assert len(requests) == 1, "a redirect is not followed"
+    assert requests[0].startswith(b"POST /x ")
+
+
+def test_an_event_from_a_crafted_record_still_runs_its_hook(lockdir: Path, tmp_path: Path):
+    """A record whose host holds a NUL, and a manual hold from the year 10000: the hook runs
+    and the status stays 76, with no internal error."""
+    from taskrunner.holder import Holder
+    from taskrunner.hooks import STUCK, Event
+
+    holder = Holder(4242, "we\0b", 253402300800.0, "x")
+    event = Event(STUCK, name="n", lockfile="/l", count=1, holder=holder,
+                  since=253402300800.0, message="m")  # fmt: skip
+    env = event.environ()
+    assert env[b"TASKRUNNER_HOLDER_HOST"] == b"web"
+    assert env[b"TASKRUNNER_HOLDER_SINCE"] == b""
+    assert json.loads(json.dumps(event.payload()))["since"] is None
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["-t", "1", "-f", "{d}/X", "--metrics-file", "{d}/X"],
+        ["-t", "1", "-f", "{d}/X", "--log-file", "{d}/X"],
+        ["--metrics-file", "{d}/X", "--log-file", "{d}/X"],
+        ["--hook-timeout", "0"],
+    ],
+)
+def test_files_that_would_clobber_each_other_and_hooks_without_a_bound(lockdir: Path, options):
+    args = [o.replace("{d}", str(lockdir)) for o in options]
+    result = run("-l", str(lockdir / "job.lock"), *args, "-c", "true")
+    assert result.returncode == 2
+    assert "must not be" in result.stderr or "more than 0" in result.stderr
+    assert not (lockdir / "X").exists()

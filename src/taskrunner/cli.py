@@ -94,7 +94,16 @@ def count(text: str) -> int:
 
 
 def url(text: str) -> str:
-    if not text.startswith(("http://", "https://")) or len(text) <= len("https://"):
+    """An http:// or https:// URL with a host (and a port that is a number, if any)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text)
+        good = parts.scheme.lower() in ("http", "https") and parts.hostname
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except ValueError:
+        good = False
+    if not good or any(c.isspace() or not c.isprintable() for c in text):
         raise ValueError(f"not an http:// or https:// URL: {text!r}")
     return text
 
@@ -283,10 +292,18 @@ def _job_from(values: dict[str, object], program: list[str] | None) -> Job:
         raise UsageError("no program after --")
     if program is not None and not program[0]:
         raise UsageError("the program after -- is empty")
-    files = [("the counter file", counter_file), ("the metrics file", text("metrics_file"))]
-    for what, path in files:
-        if path is not None and os.path.abspath(path) == os.path.abspath(lockfile):
-            raise UsageError(f"{what} must not be the lock file")
+    files = {"the lock file": lockfile}
+    for what, key in (("the counter file", "counter_file"), ("the metrics file", "metrics_file"),
+                      ("the log file", "log_file")):  # fmt: skip
+        path = text(key)
+        if path is None:
+            continue
+        for other, taken in files.items():
+            if os.path.abspath(path) == os.path.abspath(taken):
+                raise UsageError(f"{what} must not be {other}")
+        files[what] = path
+    if values.get("hook_timeout") == 0:
+        raise UsageError("--hook-timeout must be more than 0: hooks are always cut off")
     name = text("name") or os.path.basename(lockfile) or lockfile
 
     def seconds(key: str, default: float) -> float:

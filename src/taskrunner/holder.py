@@ -183,6 +183,19 @@ def command_of(lockfile: str, since: int) -> bool:
     return False
 
 
+def iso8601(when: float | None) -> str | None:
+    """``when`` (Unix time) in ISO 8601, local time with its offset, to the millisecond;
+    None for None, or for a time no calendar shows (a file's mtime in the year 10000)."""
+    if when is None:
+        return None
+    from datetime import datetime
+
+    try:
+        return datetime.fromtimestamp(when).astimezone().isoformat("T", "milliseconds")
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
 def format_age(seconds: float) -> str:
     """A short human duration: ``45s``, ``3m12s``, ``2h05m``, ``3d04h``."""
     s = max(0, int(seconds))

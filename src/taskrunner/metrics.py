@@ -21,10 +21,12 @@ values are of the right form; anything else in the file is dropped, and a series
 such line starts from nothing (a count from 0). Several jobs may share one file: each
 rewrites its own lines and keeps the others' (up to 4 MiB in all).
 
-The file is replaced whole under its flock, as the counter is (see
-:mod:`taskrunner.replaced`): concurrent invocations lose no update and a reader never sees a
-partial file. The temp file is ``NAME.tmp``, which the collector (reading ``*.prom``) skips.
-The file is mode 0644 whatever the umask, since the collector usually runs as another user.
+The file is replaced whole, as the counter is (see :mod:`taskrunner.replaced`): concurrent
+invocations lose no update and a reader never sees a partial file. The file is mode 0644
+whatever the umask, since the collector usually runs as another user; and since any user
+who can read it could flock it, updates are serialised on the flock of a sidecar,
+``NAME.lock``, mode 0600, that only its owner can open. The temp file is ``NAME.tmp``; the
+collector, reading ``*.prom``, skips both.
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ def record(path: str, name: str, inv: Invocation, watch: SignalWatch) -> None:
     Raises :class:`~taskrunner.errors.MetricsUnusable` when the file cannot be read or
     written (a symlink, FIFO, directory, another user's file, a hard link, a missing
     directory, a full disk...), and :class:`~taskrunner.errors.Interrupted` if a termination
-    signal arrives while another process holds the file's flock; ``watch`` bounds that wait.
+    signal arrives while another invocation is updating the file; ``watch`` bounds that wait.
     """
     file = Replaced(
         path,
@@ -130,6 +132,7 @@ def record(path: str, name: str, inv: Invocation, watch: SignalWatch) -> None:
         read_limit=_READ_LIMIT,
         noun="the metrics file",
         temp_noun="a metrics file's temp file",
+        sidecar=True,
     )
     name = _utf8(name)
     try:

@@ -8,9 +8,14 @@ replaced it; that is what makes concurrent read-modify-write updates exact. Only
 ever writes the temp file, so it has one fixed name, ``NAME.tmp``, and a crash's leftover is
 removed by the next holder.
 
-The file, its temp file and the directories on the way are held to the same rules as the
-lock: no symlinks, FIFOs, devices or directories in their place, no other user's file, no
-hard links (see :mod:`taskrunner.fsutil`).
+A file that others may read (the metrics file) is one they may flock too, and so hold up
+every update: such a file is serialised instead on the flock of a sidecar, ``NAME.lock``,
+mode 0600 so that only its owner can open it, and never removed (so never replaced under a
+waiter).
+
+The file, its temp file, the sidecar and the directories on the way are held to the same
+rules as the lock: no symlinks, FIFOs, devices or directories in their place, no other
+user's file, no hard links (see :mod:`taskrunner.fsutil`).
 """
 
 from __future__ import annotations
@@ -42,14 +47,15 @@ _MAX_ATTEMPTS = 10000
 _FLOCK_PATIENCE = 30.0
 
 
-def temp_name(name: str) -> str:
-    """``NAME.tmp``; for a name too long for that, a shortened one with a checksum."""
+def temp_name(name: str, suffix: str = ".tmp") -> str:
+    """``NAME.tmp`` (or NAME and another suffix); for a name too long for that, a shortened
+    one with a checksum."""
     raw = os.fsencode(name)
-    if len(raw) + 4 <= _NAME_MAX:
-        return name + ".tmp"
+    if len(raw) + len(suffix) <= _NAME_MAX:
+        return name + suffix
     import zlib
 
-    return os.fsdecode(raw[:200]) + f".{zlib.crc32(raw):08x}.tmp"
+    return os.fsdecode(raw[:200]) + f".{zlib.crc32(raw):08x}{suffix}"
 
 
 class Replaced:
@@ -60,7 +66,9 @@ class Replaced:
     when it lets others in, since then they are meant to read it); ``read_limit`` the most
     that :meth:`read` returns, and the largest a crash's leftover temp file can be; ``noun``
     and ``temp_noun`` name the file and its temp file in messages ("the counter file keeps
-    changing", "count.tmp is not a counter's temp file").
+    changing", "count.tmp is not a counter's temp file"). With ``sidecar``, updates are
+    serialised on the flock of ``NAME.lock`` rather than of the file itself, and the file
+    is not flocked at all: for a file others may read, and so flock.
     """
 
     def __init__(
@@ -73,10 +81,12 @@ class Replaced:
         read_limit: int,
         noun: str,
         temp_noun: str,
+        sidecar: bool = False,
     ) -> None:
         self.path = path
         self._name = os.path.basename(path)
         self._tempname = temp_name(self._name)
+        self._lockname = temp_name(self._name, ".lock") if sidecar else None
         self._watch = watch
         self._error = error
         self._mode = mode
@@ -87,31 +97,34 @@ class Replaced:
 
     def hold(self, create: bool) -> int | None:
         """The flocked file now at the path, read-only; None if absent and not ``create``
-        (with ``create``, an empty file is made). The caller closes it, which lets go."""
+        (with ``create``, an empty file is made). With ``sidecar``, the flocked sidecar
+        instead, made if absent (the file is checked first, so that a path that cannot be
+        used leaves no sidecar). The caller closes it, which lets go."""
         dirfd = self._open_dir()
+        name, mode = self._name, self._mode
+        if self._lockname is not None:
+            self.check()
+            name, mode, create = self._lockname, 0o600, True
         for _ in range(_MAX_ATTEMPTS):
-            fd = self._open_existing(dirfd)
+            fd = self._open_existing(dirfd, name)
             if fd is None:
                 if not create:
                     return None
                 try:
                     fd = os.open(
-                        self._name,
-                        os.O_RDONLY | os.O_CREAT | os.O_EXCL | OPEN_FLAGS,
-                        self._mode,
-                        dir_fd=dirfd,
+                        name, os.O_RDONLY | os.O_CREAT | os.O_EXCL | OPEN_FLAGS, mode, dir_fd=dirfd
                     )
                 except FileExistsError:
                     continue
                 except OSError as exc:
-                    raise self._error(self.path, reason(exc)) from None
+                    raise self._refusal(name, reason(exc)) from None
             try:
                 self._flock(fd)
-                if still_named(dirfd, self._name, os.fstat(fd)):
+                if still_named(dirfd, name, os.fstat(fd)):
                     return fd
             except OSError as exc:
                 close(fd)
-                raise self._error(self.path, reason(exc)) from None
+                raise self._refusal(name, reason(exc)) from None
             except BaseException:
                 close(fd)
                 raise
@@ -119,8 +132,20 @@ class Replaced:
         raise self._error(self.path, f"{self._noun} keeps changing")
 
     def read(self, fd: int) -> bytes:
-        """The start of the held file ``fd``, up to the read limit: content of that length
-        or more was cut, and is not one this module wrote."""
+        """The start of the file, ``fd`` being what :meth:`hold` returned, up to the read
+        limit: content of that length or more was cut, and is not one this module wrote.
+        With ``sidecar``, the file now at the path is read, empty if there is none."""
+        if self._lockname is None:
+            return self._pread(fd)
+        fd = self._open_existing(self._open_dir(), self._name)
+        if fd is None:
+            return b""
+        try:
+            return self._pread(fd)
+        finally:
+            close(fd)
+
+    def _pread(self, fd: int) -> bytes:
         try:
             return os.pread(fd, self._read_limit, 0)
         except OSError as exc:
@@ -159,7 +184,7 @@ class Replaced:
 
     def check(self) -> None:
         """Raise ``error`` if the path cannot be used."""
-        fd = self._open_existing(self._open_dir())
+        fd = self._open_existing(self._open_dir(), self._name)
         if fd is not None:
             close(fd)
 
@@ -182,23 +207,29 @@ class Replaced:
         except BlockingIOError:
             raise self._error(self.path, "another process has kept it locked too long") from None
 
-    def _open_existing(self, dirfd: int) -> int | None:
+    def _open_existing(self, dirfd: int, name: str) -> int | None:
+        """``name`` (the file or its sidecar) opened read-only; None if there is none."""
         try:
-            fd = os.open(self._name, os.O_RDONLY | OPEN_FLAGS, dir_fd=dirfd)
+            fd = os.open(name, os.O_RDONLY | OPEN_FLAGS, dir_fd=dirfd)
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise self._error(self.path, reason(exc)) from None
+            raise self._refusal(name, reason(exc)) from None
         try:
             st = os.fstat(fd)
         except OSError as exc:
             close(fd)
-            raise self._error(self.path, reason(exc)) from None
+            raise self._refusal(name, reason(exc)) from None
         why = check_ours(st) or (f"has {st.st_nlink} hard links" if st.st_nlink > 1 else None)
         if why:
             close(fd)
-            raise self._error(self.path, why)
+            raise self._refusal(name, why)
         return fd
+
+    def _refusal(self, name: str, why: str) -> Unusable:
+        """The error for ``name``, the file or its sidecar, that cannot be used: ``why``,
+        after the sidecar's name if it is the sidecar."""
+        return self._error(self.path, why if name == self._name else f"{name} {why}")
 
     def _create_temp(self, dirfd: int) -> int:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | OPEN_FLAGS

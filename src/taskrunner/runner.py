@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 # How long processes the command started get to let go of the lock after it ends: enough for
 # those dying with it (a signal to its group reaches them a moment after it), not more.
 _GRACE = 1.0
+# Less free space than this where the output is held, and it may have been cut short.
+_ROOM = 1 << 16
 UNUSABLE = 71
 BUSY = 75
 STUCK = 76
@@ -149,7 +151,7 @@ def _run(job: Job, lock: LockBackend, watch: SignalWatch, reporter: Reporter) ->
                 raise LockUnusable(job.lockfile, reason(exc)) from None
             _acquire(job, where, lock, counter, watch, reporter)
         except LockBusy as busy:
-            return _refuse(job, where, lock, busy, counter, reporter)
+            return _refuse(job, where, lock, busy, counter, watch, reporter)
         return _execute(job, where, lock, watch, reporter)
     except Unusable as exc:
         reporter.error("unusable", f"{job.name}: not run: {exc.path}: {exc.reason}")
@@ -228,11 +230,11 @@ def _acquire(
             dead = lock.recovered
             if dead is not None:
                 lock.recovered = None
-                _report_takeover(job, where, lock, dead, reporter)
+                _report_takeover(job, where, lock, dead, watch, reporter)
 
 
 def _report_takeover(
-    job: Job, where: str, lock: LockBackend, dead: Holder, reporter: Reporter
+    job: Job, where: str, lock: LockBackend, dead: Holder, watch: SignalWatch, reporter: Reporter
 ) -> None:
     fields: dict[str, object] = {"holder_pid": dead.pid, "holder_host": dead.host}
     if dead.ended is not None:
@@ -249,7 +251,7 @@ def _report_takeover(
         f"{dead.describe(f'started {dead.age()} ago')}, which is gone"
     )
     reporter.warning("stale", message, **fields)
-    _tell(job, where, "stale", job.on_recover, 0, dead, dead.started, message, reporter)
+    _tell(job, where, "stale", job.on_recover, 0, dead, dead.started, message, watch, reporter)
 
 
 def _seconds(value: float) -> str:
@@ -266,9 +268,11 @@ def _tell(
     holder: Holder | None,
     since: float | None,
     message: str,
+    watch: SignalWatch,
     reporter: Reporter,
 ) -> None:
-    """Run the hook and post to the URL the job has for this event, if any."""
+    """Run the hook and post to the URL the job has for this event, if any. A termination
+    signal meanwhile raises :class:`Interrupted`."""
     if hook is None and job.notify_url is None:
         return
     from taskrunner.hooks import Event, deliver
@@ -282,7 +286,7 @@ def _tell(
         since=since,
         message=message,
     )
-    deliver(event, hook, job.notify_url, job.hook_timeout, reporter)
+    deliver(event, hook, job.notify_url, job.hook_timeout, reporter, watch)
 
 
 def _refuse(
@@ -291,6 +295,7 @@ def _refuse(
     lock: LockBackend,
     busy: LockBusy,
     counter: Counter | None,
+    watch: SignalWatch,
     reporter: Reporter,
 ) -> Result:
     if busy.holder is not None:
@@ -323,7 +328,8 @@ def _refuse(
         longer = f", longer than --stuck-after {_seconds(job.stuck_after)}" if aged else ""
         message = f"{job.name} looks stuck: {lock.description} is {held}{longer}{counted}"
         reporter.error("stuck", message, **fields)
-        _tell(job, where, "stuck", job.on_stuck, count, busy.holder, busy.since, message, reporter)
+        _tell(job, where, "stuck", job.on_stuck, count, busy.holder, busy.since, message, watch,
+              reporter)  # fmt: skip
         result.status, result.reported = STUCK, True
     elif counter is None:
         reporter.warning("busy", f"{job.name}: not run: {lock.description} is {held}", **fields)
@@ -385,7 +391,15 @@ def _execute(
     except Unusable as exc:
         reporter.warning("release", f"{exc.path}: {exc.reason}")
     if output is not None:
-        if outcome.exit_status != 0:
+        full = _out_of_space(output[0])
+        if full:
+            # The command's writes may have failed, and so may the command, for that alone.
+            reporter.warning(
+                "output",
+                f"{job.name}: {full} is full: the command's output held there may be cut "
+                "short; here is what there is",
+            )
+        if outcome.exit_status != 0 or full:
             _show_output(output)
         for f in output:
             f.close()
@@ -408,6 +422,19 @@ def _hold_output() -> tuple[BinaryIO, BinaryIO]:
             f.close()
         raise Unusable(tempfile.gettempdir(), f"cannot hold the output: {reason(exc)}") from None
     return files[0], files[1]
+
+
+def _out_of_space(held: BinaryIO) -> str | None:
+    """The directory of the held output if its file system is (nearly) full, else None."""
+    try:
+        st = os.fstatvfs(held.fileno())
+    except OSError:
+        return None
+    if st.f_bavail * st.f_frsize >= _ROOM:
+        return None
+    import tempfile
+
+    return tempfile.gettempdir()
 
 
 def _show_output(held: tuple[BinaryIO, BinaryIO]) -> None:

@@ -17,7 +17,7 @@ import time
 from taskrunner.counter import parse
 from taskrunner.errors import CounterUnusable, LockBusy, Unusable
 from taskrunner.fsutil import OPEN_FLAGS, check_ours, close, open_parent, reason
-from taskrunner.holder import format_age
+from taskrunner.holder import format_age, iso8601
 from taskrunner.lockfile import HELD, FileLock, LockState
 
 TYPE_CHECKING = False
@@ -68,6 +68,19 @@ class _Usage(Exception):
 
 def main(command: str, args: list[str]) -> int:
     """``taskrunner status ARGS`` or ``taskrunner unlock ARGS``; returns the exit status."""
+    try:
+        status = _main(command, args)
+        if sys.stdout is not None:
+            sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        raise  # the reader has gone (``| head``): as for --help
+    except OSError as exc:  # stdout on a full disk, say
+        _write(sys.stderr, f"taskrunner: error: cannot write the output: {reason(exc)}\n")
+        return UNUSABLE
+
+
+def _main(command: str, args: list[str]) -> int:
     try:
         flags, counter, paths = _parse(command, args)
     except _Usage as exc:
@@ -205,12 +218,12 @@ def _json(found: Found, now: float) -> dict[str, object]:
         obj["holder"] = {
             "pid": holder.pid or None,  # 0: a record cut short
             "host": holder.host,
-            "since": _iso(since),
+            "since": iso8601(since),
             "command": holder.command,
             "command_pid": holder.command_pid,
             "runner_running": state.runner_running,
         }
-    obj["since"] = _iso(since)
+    obj["since"] = iso8601(since)
     obj["age"] = None if since is None else round(max(0.0, now - since), 3)
     if error is not None:
         obj["error"] = error
@@ -252,20 +265,6 @@ def _notes(found: list[Found]) -> list[str]:
                 "or processes the command started, still hold the lock"
             )
     return notes
-
-
-def _iso(when: float | None) -> str | None:
-    """``when`` in ISO 8601, local time with its offset."""
-    from datetime import datetime
-
-    try:
-        return (
-            None
-            if when is None
-            else datetime.fromtimestamp(when).astimezone().isoformat("T", "milliseconds")
-        )
-    except (OverflowError, OSError, ValueError):
-        return None
 
 
 # -- unlock ------------------------------------------------------------------------------
