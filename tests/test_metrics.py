@@ -150,7 +150,9 @@ def test_a_run_then_refusals_then_a_report_then_a_run(tmp_path: Path):
     for series in NAMES:
         assert text.count(f"# HELP {series} ") == 1
         assert text.count(f"# TYPE {series} ") == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.prom"], "no temp file is left"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.prom", "job.prom.lock"], (
+        "no temp file is left"
+    )
 
 
 def test_before_the_command_ever_ran_its_series_are_left_out(tmp_path: Path):
@@ -193,7 +195,7 @@ def test_fifty_refusals_at_once_and_a_run_are_all_counted(tmp_path: Path):
     assert got["taskrunner_runs_total"] == 1
     assert got["taskrunner_last_start_timestamp_seconds"] == T0
     assert 0 <= got["taskrunner_consecutive_refusals"] <= 50
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["go", "job.prom"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["go", "job.prom", "job.prom.lock"]
 
 
 def test_a_reader_never_sees_a_partial_file(tmp_path: Path):
@@ -235,7 +237,7 @@ def test_writers_killed_at_random_moments_leave_a_whole_file(tmp_path: Path):
     record(prom, **REFUSAL)
     total = values(prom)["taskrunner_refusals_total"]
     assert 5 * statuses.count(0) + 1 <= total <= 5 * len(procs) + 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["go", "job.prom"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["go", "job.prom", "job.prom.lock"]
 
 
 @pytest.mark.parametrize(
@@ -444,14 +446,16 @@ def as_nobody(script: str) -> None:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("where", ["job.prom", "job.prom.tmp"])
+@pytest.mark.parametrize("where", ["job.prom", "job.prom.tmp", "job.prom.lock"])
 @pytest.mark.parametrize("kind", list(PLANTS))
 def test_a_file_planted_by_another_user_is_refused(shared: Path, kind: str, where: str):
     victim, ghost, prom = shared / "victim", shared / "ghost", shared / "job.prom"
     victim.write_text("precious\n")
     before = victim.read_bytes(), victim.stat().st_mode, victim.stat().st_mtime_ns
-    if where == "job.prom.tmp":
+    if where != "job.prom":
         record(prom, **RUN)
+    if where == "job.prom.lock":  # planted before the sidecar was made
+        (shared / where).unlink()
     content = prom.read_bytes() if prom.exists() else None
     as_nobody(PLANTS[kind].format(victim=victim, ghost=ghost, path=shared / where))
     line = refused_record(prom, **REFUSAL)
@@ -460,15 +464,16 @@ def test_a_file_planted_by_another_user_is_refused(shared: Path, kind: str, wher
     assert not ghost.exists(), "nothing is created through a link"
     if content is not None:
         assert prom.read_bytes() == content
-    assert {p.name for p in shared.iterdir()} == {"victim", "job.prom", where}
+    made = {"job.prom", "job.prom.lock"} if content is not None else set()
+    assert {p.name for p in shared.iterdir()} == {"victim", where} | made
 
 
-def test_a_writer_that_waits_for_the_flock_starts_again_on_the_new_file(tmp_path: Path):
-    """A writer blocked on the flock of a file that is replaced meanwhile starts again on the
-    new one: the holder's update is not lost."""
+def test_a_writer_that_waits_for_the_sidecar_reads_the_file_its_holder_left(tmp_path: Path):
+    """A writer blocked on the flock of the sidecar reads the file only once it has that
+    flock: the holder's update, made meanwhile, is not lost."""
     prom, go = tmp_path / "job.prom", tmp_path / "go"
     record(prom, **RUN)
-    with prom.open("rb") as held:
+    with (tmp_path / "job.prom.lock").open("rb") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         waiter = subprocess.Popen(argv(prom, "job", REFUSAL, "1", str(go)))
         go.touch()
@@ -482,3 +487,107 @@ def test_a_writer_that_waits_for_the_flock_starts_again_on_the_new_file(tmp_path
         tmp.rename(prom)
     assert waiter.wait(timeout=HANG) == 0
     assert values(prom)["taskrunner_refusals_total"] == 42
+
+
+def test_the_sidecar_is_mode_0600_and_stays(tmp_path: Path):
+    prom, lock = tmp_path / "job.prom", tmp_path / "job.prom.lock"
+    for umask in (0o000, 0o022, 0o077):
+        lock.unlink(missing_ok=True)
+        result = subprocess.run(argv(prom, "job", RUN), umask=umask, timeout=HANG)
+        assert result.returncode == 0
+        st = lock.stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_nlink) == (0o600, os.geteuid(), 1)
+        assert st.st_size == 0
+        record(prom, **REFUSAL)
+        assert lock.stat().st_ino == st.st_ino, "never replaced, so never removed"
+
+
+def flocked(path: Path) -> bool:
+    """Whether some other open file holds a flock of ``path``."""
+    with path.open("rb") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        return False
+
+
+def test_a_flock_on_the_file_itself_holds_no_update_up(tmp_path: Path):
+    """Any reader of the file can flock it; updates wait only for the sidecar's flock."""
+    prom = tmp_path / "job.prom"
+    record(prom, **RUN)
+    with prom.open("rb") as reader:
+        fcntl.flock(reader, fcntl.LOCK_EX)
+        record(prom, **REFUSAL)
+        record(prom, **REFUSAL)
+    assert values(prom)["taskrunner_refusals_total"] == 2
+
+
+@pytest.fixture
+def public():
+    """A directory in /tmp that others may read, as node_exporter's textfile directory."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to act as another user")
+    d = Path(tempfile.mkdtemp(prefix="taskrunner-public-", dir="/tmp"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d)
+
+
+def test_another_user_flocking_the_file_holds_no_update_up(public: Path, procs):
+    """nobody can read the 0644 file, and so flock it; the update goes ahead at once (the
+    patience for a flock is 30 s: a run that waited for nobody's would outlast the sleep)."""
+    prom = public / "job.prom"
+    record(prom, **RUN)
+    holder = subprocess.Popen(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         "flock", "-x", str(prom), "sleep", "40"],
+        start_new_session=True, text=True,
+    )  # fmt: skip
+    procs.append(holder)
+    wait_for(lambda: holder.poll() is None and flocked(prom), "nobody to flock the file")
+    record(prom, **REFUSAL)
+    assert holder.poll() is None, "still holding the flock when the update was done"
+    assert values(prom)["taskrunner_refusals_total"] == 1
+    assert stat.S_IMODE(prom.stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize(
+    ("kind", "why"),
+    [("symlink", "is a symbolic link"), ("dangling symlink", "is a symbolic link"),
+     ("fifo", "is a FIFO"), ("directory", "is a directory"), ("hard link", "has 2 hard links")],
+)  # fmt: skip
+def test_an_unusable_sidecar_is_refused_and_left_alone(tmp_path: Path, kind: str, why: str):
+    prom, lock = tmp_path / "job.prom", tmp_path / "job.prom.lock"
+    target, ghost = tmp_path / "target", tmp_path / "ghost"
+    record(prom, **RUN)
+    lock.unlink()
+    content = prom.read_bytes()
+    target.write_text("precious\n")
+    before = target.read_text(), target.stat().st_mtime_ns
+    if kind == "symlink":
+        lock.symlink_to(target)
+    elif kind == "dangling symlink":
+        lock.symlink_to(ghost)
+    elif kind == "fifo":
+        os.mkfifo(lock)
+    elif kind == "directory":
+        lock.mkdir()
+    else:
+        os.link(target, lock)
+    line = refused_record(prom, **REFUSAL)
+    assert line == f"unusable: {prom}: job.prom.lock {why}"
+    assert prom.read_bytes() == content
+    assert (target.read_text(), target.stat().st_mtime_ns) == before
+    assert not ghost.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.prom", "job.prom.lock", "target"]
+
+
+def test_a_name_too_long_for_its_sidecar_gets_a_shortened_one(tmp_path: Path):
+    prom = tmp_path / ("m" * 246 + ".prom")  # room for .tmp, not for .lock
+    record(prom, **REFUSAL)
+    record(prom, **REFUSAL)
+    assert values(prom)["taskrunner_refusals_total"] == 2
+    (lock,) = (p for p in tmp_path.iterdir() if p != prom)
+    assert lock.name.startswith("m" * 200) and lock.name.endswith(".lock")
+    assert len(lock.name) < 255

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import finish, hold, run, start
+from conftest import finish, hold, run, start, wait_for
+
+NOBODY = 65534
 
 
 def values(path: Path) -> dict[str, float]:
@@ -94,3 +103,45 @@ def test_the_metrics_file_must_not_be_the_lock(lockdir: Path):
     result = run("-l", lock, "--metrics-file", lock, "-c", "true")
     assert result.returncode == 2
     assert "the metrics file must not be the lock file" in result.stderr
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv to act as another user",
+)
+def test_another_user_flocking_the_metrics_file_does_not_hold_the_run_up(lockdir: Path, procs):
+    """The file is 0644 for node_exporter, so any user can open it and flock it; the run
+    neither waits for that flock (its patience is 30 s, the flock is held for 40) nor
+    leaves the metrics unwritten."""
+    public = Path(tempfile.mkdtemp(prefix="taskrunner-public-", dir="/tmp"))
+    try:
+        public.chmod(0o755)
+        prom = public / "job.prom"
+        opts = ("-l", str(lockdir / "r.lock"), "--name", "job", "--metrics-file", str(prom))
+        assert run(*opts, "-c", "true").returncode == 0
+        assert stat.S_IMODE(prom.stat().st_mode) == 0o644
+        holder = subprocess.Popen(
+            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+             "flock", "-s", str(prom), "sleep", "40"],
+            start_new_session=True, text=True,
+        )  # fmt: skip
+        procs.append(holder)
+
+        def flocked() -> bool:
+            assert holder.poll() is None, "nobody's flock ended early"
+            with prom.open("rb") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return True
+                return False
+
+        wait_for(flocked, "nobody to flock the metrics file")
+        result = run(*opts, "-c", "true")
+        assert (result.returncode, result.stderr) == (0, "")
+        assert holder.poll() is None, "the run was done while nobody still held the flock"
+        assert values(prom)["taskrunner_runs_total"] == 2
+        sidecar = (public / "job.prom.lock").stat()
+        assert (stat.S_IMODE(sidecar.st_mode), sidecar.st_uid) == (0o600, 0)
+    finally:
+        shutil.rmtree(public)

@@ -137,13 +137,13 @@ class Replaced:
         With ``sidecar``, the file now at the path is read, empty if there is none."""
         if self._lockname is None:
             return self._pread(fd)
-        fd = self._open_existing(self._open_dir(), self._name)
-        if fd is None:
+        file = self._open_existing(self._open_dir(), self._name)
+        if file is None:
             return b""
         try:
-            return self._pread(fd)
+            return self._pread(file)
         finally:
-            close(fd)
+            close(file)
 
     def _pread(self, fd: int) -> bytes:
         try:
