@@ -515,6 +515,8 @@ def test_an_event_from_a_crafted_record_still_runs_its_hook(lockdir: Path, tmp_p
         ["-t", "1", "-f", "{d}/X", "--metrics-file", "{d}/X"],
         ["-t", "1", "-f", "{d}/X", "--log-file", "{d}/X"],
         ["--metrics-file", "{d}/X", "--log-file", "{d}/X"],
+        ["--metrics-file", "{d}/job"],
+        ["--metrics-file", "{d}/X", "--log-file", "{d}/X.lock"],
         ["--hook-timeout", "0"],
     ],
 )

@@ -292,16 +292,22 @@ def _job_from(values: dict[str, object], program: list[str] | None) -> Job:
         raise UsageError("no program after --")
     if program is not None and not program[0]:
         raise UsageError("the program after -- is empty")
-    files = {"the lock file": lockfile}
-    for what, key in (("the counter file", "counter_file"), ("the metrics file", "metrics_file"),
-                      ("the log file", "log_file")):  # fmt: skip
-        path = text(key)
-        if path is None:
-            continue
-        for other, taken in files.items():
-            if os.path.abspath(path) == os.path.abspath(taken):
-                raise UsageError(f"{what} must not be {other}")
-        files[what] = path
+    # No two of taskrunner's files may be one: each would clobber the other.
+    metrics = text("metrics_file")
+    files = (
+        ("the lock file", lockfile),
+        ("the counter file", counter_file),
+        ("the metrics file", metrics),
+        ("the metrics file's lock", None if metrics is None else metrics + ".lock"),
+        ("the log file", text("log_file")),
+    )
+    seen: dict[str, str] = {}
+    for what, path in files:
+        if path is not None:
+            where = os.path.abspath(path)
+            if where in seen:
+                raise UsageError(f"{what} must not be {seen[where]}")
+            seen[where] = what
     if values.get("hook_timeout") == 0:
         raise UsageError("--hook-timeout must be more than 0: hooks are always cut off")
     name = text("name") or os.path.basename(lockfile) or lockfile
