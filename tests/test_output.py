@@ -98,7 +98,7 @@ def test_log_file_text_and_json(lockdir: Path, tmp_path: Path):
     assert run("-l", str(lock), "--log-file", str(text_log), "-c", "exit 3").returncode == 3
     (line,) = text_log.read_text().splitlines()
     assert re.fullmatch(
-        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d{4} taskrunner\[\d+\]: info: job\.lock: exited with status 3 after .*",
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d taskrunner\[\d+\]: info: job\.lock: exited with status 3 after .*",
         line,
     ), line
     proc = start(

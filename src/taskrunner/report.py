@@ -172,9 +172,13 @@ class Reporter:
 
 
 def _timestamp() -> str:
+    """``2026-12-04T20:21:28.435+00:00``: ISO 8601, local time with its offset."""
     now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)) + (
-        f".{int(now % 1 * 1000):03d}" + time.strftime("%z", time.localtime(now))
+    local = time.localtime(now)
+    zone = time.strftime("%z", local)
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", local)
+        + f".{int(now % 1 * 1000):03d}{zone[:3]}:{zone[3:]}"
     )
 
 
