@@ -64,16 +64,26 @@ def test_output_is_held_on_disk_not_in_memory(lockdir: Path, tmp_path: Path):
     assert digest.hexdigest() == expected
 
 
+def unnamed_files(pid: int) -> list[Path]:
+    """The descriptors of ``pid`` open on files with no name, as /proc shows them now (a
+    descriptor may close while they are listed)."""
+    found = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if "(deleted)" in str(fd.readlink()):
+                found.append(fd)
+        except OSError:
+            pass
+    return found
+
+
 def test_held_output_is_an_unnamed_file_of_ours(lockdir: Path, tmp_path: Path, procs):
     go = tmp_path / "go"
     proc = start("-l", str(lockdir / "job.lock"), "--quiet-success", "-c",
                  f"echo secret; while [ ! -e {go} ]; do sleep 0.01; done; exit 1")  # fmt: skip
     procs.append(proc)
-    fd_dir = Path(f"/proc/{proc.pid}/fd")
-    wait_for(lambda: any("(deleted)" in str(p.readlink()) for p in fd_dir.iterdir()),
-             "the held output's files")  # fmt: skip
-    held = [p for p in fd_dir.iterdir() if "(deleted)" in str(p.readlink())]
-    assert len(held) == 2  # stdout and stderr, kept apart
+    wait_for(lambda: len(unnamed_files(proc.pid)) == 2, "the held output's two files")
+    held = unnamed_files(proc.pid)  # stdout and stderr, kept apart
     for p in held:
         assert p.stat().st_mode & 0o077 == 0, "no one else may read the output"
     go.touch()
