@@ -8,9 +8,10 @@ This module is for type checking only: nothing imports it at run time.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 from taskrunner.holder import Holder
+from taskrunner.process import Heartbeat
 from taskrunner.signals import SignalWatch
 
 
@@ -23,6 +24,18 @@ class LockBackend(Protocol):
     recovered: Holder | None
     #: What the lock cannot promise where it is (a network file system), if anything.
     caveat: str | None
+
+    #: The count of refusals, where it lives with the lock (fleet mode); else None, and a
+    #: counter file keeps it.
+    tally: Tally | None
+    #: A number that grows with every acquisition of the lock, while it is held; None where
+    #: the backend has none (a lock file).
+    fencing_token: int | None
+
+    def heartbeat(self) -> Heartbeat | None:
+        """How to check, while the command runs, that the lock is still held; None where it
+        cannot be lost while the runner lives (a lock file)."""
+        raise NotImplementedError
 
     def try_acquire(self, holder: Holder) -> None:
         """Take the lock now, recording ``holder``; raise ``LockBusy`` if another run or a
@@ -52,4 +65,30 @@ class LockBackend(Protocol):
 
     def close(self) -> None:
         """Free everything; releases the lock if it is still held."""
+        raise NotImplementedError
+
+
+class Tally(Protocol):
+    """Where refusals are counted: a counter file, or the fleet lock's row."""
+
+    #: What it is called in messages.
+    path: str
+    #: What the last increment found instead of a count, if anything.
+    garbage: bytes | None
+
+    def increment(self, threshold: int) -> tuple[int, bool]:
+        """Count one refusal: the count, this one included, and whether it passed
+        ``threshold`` (the count is then reset)."""
+        raise NotImplementedError
+
+    def reset_around(self, attempt: Callable[[], None]) -> None:
+        """Run ``attempt`` (taking the lock) and, if it succeeds, reset the count, so that no
+        refusal counted once the lock is taken is lost to the reset."""
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Raise if the count cannot be used."""
+        raise NotImplementedError
+
+    def close(self) -> None:
         raise NotImplementedError

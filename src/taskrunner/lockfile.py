@@ -42,6 +42,10 @@ from taskrunner.fsutil import (
 from taskrunner.holder import Holder, pid_namespace, process_start, running
 from taskrunner.signals import SignalWatch
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from taskrunner.backend import Tally
+
 _READ_LIMIT = 65537
 # Each retry means another run changed the path under us; real contention settles long before.
 _MAX_ATTEMPTS = 10000
@@ -59,6 +63,8 @@ class FileLock:
         self.path = path
         self.recovered: Holder | None = None
         self.caveat: str | None = None
+        self.tally: Tally | None = None  # a counter file keeps the count
+        self.fencing_token: int | None = None
         self._name = os.path.basename(path)
         self._dirfd: int | None = None
         self._fd: int | None = None  # our record: prepared, then linked at the path
@@ -294,6 +300,9 @@ class FileLock:
 
     def inheritable_fds(self) -> tuple[int, ...]:
         return () if self._command_fd is None else (self._command_fd,)
+
+    def heartbeat(self) -> None:
+        return None  # the kernel holds a flock for as long as its holders live
 
     def note_command(self, pid: int) -> None:
         if self._fd is None or self._holder is None:

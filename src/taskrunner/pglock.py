@@ -50,6 +50,7 @@ import time
 
 from taskrunner.errors import CounterUnusable, LockBusy, LockUnusable
 from taskrunner.holder import Holder
+from taskrunner.process import Heartbeat
 from taskrunner.signals import SignalWatch
 
 TYPE_CHECKING = False
@@ -60,6 +61,8 @@ if TYPE_CHECKING:
     import psycopg
     from psycopg.rows import TupleRow
 
+    from taskrunner.backend import Tally
+
     Connection = psycopg.Connection[TupleRow]
 
 KEY_VERSION = 1
@@ -67,7 +70,9 @@ _KEY_PREFIX = b"taskrunner-lock-key-v1\0"
 _TABLE = "taskrunner_locks"
 _STATEMENT_TIMEOUT = "10s"  # for our own statements, server side
 _TCP_USER_TIMEOUT_MS = 10000  # unacknowledged data: the kernel drops the connection
-_HEARTBEAT_TIMEOUT = 5.0  # default deadline of held()
+_HEARTBEAT_TIMEOUT = 2.0  # default deadline of held()
+#: Seconds between two checks that the session still holds the lock, while the command runs.
+HEARTBEAT_INTERVAL = 1.0
 _RELEASE_TIMEOUT = 5.0
 _POLL = 0.05  # seconds between looks while waiting for the holder
 _APP_NAME_MAX = 63  # bytes: the server's NAMEDATALEN - 1
@@ -177,6 +182,7 @@ class PgLock:
         self.recovered: Holder | None = None  # a dead session's lock is freed by the server
         self.caveat: str | None = None
         self.garbage: bytes | None = None  # a count in a bigint column is always a count
+        self.tally: Tally | None = self  # the count lives in the lock's row
         #: The fencing token of the current hold: grows by one with every acquisition.
         self.fencing_token: int | None = None
         self._conn: Connection | None = None
@@ -409,7 +415,12 @@ class PgLock:
             time.sleep(min(_POLL, left))
 
     def inheritable_fds(self) -> tuple[int, ...]:
-        return ()
+        # The command keeps the session's socket open: if the runner is killed, the session,
+        # and so the lock, lasts until the command ends, as a lock file's flock does.
+        return () if self._conn is None else (self._conn.fileno(),)
+
+    def heartbeat(self) -> Heartbeat:
+        return Heartbeat(self.held, HEARTBEAT_INTERVAL)
 
     def release(self, grace: float = 0.0) -> bool:
         if self.fencing_token is not None and not self._lost:

@@ -22,6 +22,10 @@ from taskrunner.fsutil import close
 from taskrunner.holder import process_start, running
 from taskrunner.signals import signal
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable
+
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 # Python ignores these at start-up; the command gets their defaults, as from a shell. Other
 # signals keep what taskrunner was started with: handlers end at exec, SIG_IGN stays.
@@ -30,6 +34,18 @@ _SI_KERNEL = 0x80  # si_code of a signal the kernel sent, e.g. the terminal's Ct
 _POLL = 0.02  # how often to look for processes left in the group after a time limit
 _LAST_WORDS = 2.0  # how long KILLed processes get to disappear
 TIMED_OUT = 124
+LOST = 74
+
+
+class Heartbeat:
+    """A check, every ``interval`` seconds while the command runs, that the lock is still
+    held; ``check`` returns False once it is not."""
+
+    __slots__ = ("check", "interval")
+
+    def __init__(self, check: Callable[[], bool], interval: float) -> None:
+        self.check = check
+        self.interval = interval
 
 
 def _descendants(pid: int) -> list[int]:
@@ -66,20 +82,29 @@ def _find(program: str, search: str) -> str:
 class Outcome:
     """How the command ended."""
 
-    __slots__ = ("from_terminal", "signal", "status", "timed_out")
+    __slots__ = ("from_terminal", "lost", "signal", "status", "timed_out")
 
-    def __init__(self, status: int, signal: int | None, timed_out: bool, from_terminal: bool):
+    def __init__(
+        self,
+        status: int,
+        signal: int | None,
+        timed_out: bool,
+        from_terminal: bool,
+        lost: bool = False,
+    ):
         self.status = status
         self.signal = signal
         self.timed_out = timed_out
+        #: The heartbeat failed: the lock was lost, and the command was stopped for it.
+        self.lost = lost
         #: The signal that killed it came from the terminal (Ctrl-C, Ctrl-\).
         self.from_terminal = from_terminal
 
     @property
     def exit_status(self) -> int:
-        """What taskrunner exits with: 124 after the time limit, else the command's status,
-        128+N when signal N killed it."""
-        return TIMED_OUT if self.timed_out else self.status
+        """What taskrunner exits with: 74 when the lock was lost, 124 after the time limit,
+        else the command's status, 128+N when signal N killed it."""
+        return LOST if self.lost else TIMED_OUT if self.timed_out else self.status
 
 
 def has_terminal() -> bool:
@@ -211,31 +236,54 @@ class Child:
             raise OSError(int(failed), os.strerror(int(failed)))
         return pid
 
-    def wait(self, timeout: float, kill_after: float, early: list[int]) -> Outcome:
+    def wait(
+        self,
+        timeout: float,
+        kill_after: float,
+        early: list[int],
+        heartbeat: Heartbeat | None = None,
+    ) -> Outcome:
         """Wait for the command to end, passing on the termination signals the runner gets;
         at ``timeout`` seconds (0: never) send TERM, then KILL ``kill_after`` later (0: KILL
         at once). ``early`` holds signals that reached a handler just before they were
-        blocked: they are passed on first."""
+        blocked: they are passed on first. A ``heartbeat`` that fails stops the command the
+        same way, at once."""
         try:
-            return self._wait(timeout, kill_after, early)
+            return self._wait(timeout, kill_after, early, heartbeat)
         finally:
             self._restore_mask()
 
-    def _wait(self, timeout: float, kill_after: float, early: list[int]) -> Outcome:
+    def _wait(
+        self, timeout: float, kill_after: float, early: list[int], heartbeat: Heartbeat | None
+    ) -> Outcome:
         deadline = time.monotonic() + timeout if timeout > 0 else None
-        timed_out = terminal = False
+        # Once stopping (the time limit, or a lock lost), ``deadline`` is when KILL is due.
+        stopping = timed_out = lost = terminal = False
+        beat = None if heartbeat is None else time.monotonic() + heartbeat.interval
         while early:
             sig = early.pop(0)
             terminal = terminal or (not self.own_group and sig in (signal.SIGINT, signal.SIGQUIT))
             self.send(sig)
         while True:
-            if deadline is None:
+            wake = min((t for t in (deadline, beat) if t is not None), default=None)
+            if wake is None:
                 info: signal.struct_siginfo | None = signal.sigwaitinfo(self._waited)
             else:
-                info = signal.sigtimedwait(self._waited, max(0.0, deadline - time.monotonic()))
-            if info is None:  # the time limit, or the grace after it
-                deadline = self._time_up(timed_out, kill_after)
-                timed_out = True
+                info = signal.sigtimedwait(self._waited, max(0.0, wake - time.monotonic()))
+            if info is None:
+                if beat is not None and time.monotonic() >= beat:
+                    assert heartbeat is not None
+                    if heartbeat.check():
+                        beat = time.monotonic() + heartbeat.interval
+                        continue
+                    beat, lost = None, True  # stop the command now, as at a time limit
+                    if stopping:
+                        continue
+                    deadline = time.monotonic()
+                if deadline is not None and time.monotonic() >= deadline:
+                    timed_out = timed_out or not (stopping or lost)
+                    deadline = self._time_up(stopping, kill_after)
+                    stopping = True
             elif info.si_signo != signal.SIGCHLD:
                 if self.own_group or info.si_code != _SI_KERNEL:
                     self.send(info.si_signo)
@@ -245,12 +293,12 @@ class Child:
                 status = self._reap()
                 if status is None:
                     continue
-                if timed_out:
+                if stopping:
                     self._finish_group(deadline)
                 if os.WIFSIGNALED(status):
                     sig = os.WTERMSIG(status)
-                    return Outcome(128 + sig, sig, timed_out, terminal)
-                return Outcome(os.WEXITSTATUS(status), None, timed_out, False)
+                    return Outcome(128 + sig, sig, timed_out, terminal, lost)
+                return Outcome(os.WEXITSTATUS(status), None, timed_out, False, lost)
 
     def _time_up(self, timed_out: bool, kill_after: float) -> float | None:
         """Act on the time limit (TERM, or KILL at once) or on the end of the grace after

@@ -20,8 +20,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import BinaryIO
 
-    from taskrunner.backend import LockBackend
-    from taskrunner.counter import Counter
+    from taskrunner.backend import LockBackend, Tally
 
 # How long processes the command started get to let go of the lock after it ends: enough for
 # those dying with it (a signal to its group reaches them a moment after it), not more.
@@ -38,7 +37,7 @@ class Job:
 
     def __init__(
         self,
-        lockfile: str,
+        lockfile: str | None,
         argv: list[str],
         *,
         shell: bool,
@@ -56,8 +55,13 @@ class Job:
         hook_timeout: float = 30.0,
         metrics_file: str | None = None,
         quiet_success: bool = False,
+        lock_url: str | None = None,
+        key: str | None = None,
     ) -> None:
         self.lockfile = lockfile
+        """The lock file; None in fleet mode, where the lock is ``key`` at ``lock_url``."""
+        self.lock_url = lock_url
+        self.key = key
         self.argv = argv
         """``[CMD]`` for a shell command, else the program and its arguments."""
         self.shell = shell
@@ -138,17 +142,19 @@ def run(job: Job, lock: LockBackend, reporter: Reporter) -> Result:
 
 
 def _run(job: Job, lock: LockBackend, watch: SignalWatch, reporter: Reporter) -> Result:
-    counter = None
+    counter: Tally | None = None
     if job.counter_file:
         from taskrunner.counter import Counter
 
         counter = Counter(job.counter_file, watch)
+    elif job.threshold > 0 and lock.tally is not None:
+        counter = lock.tally  # fleet mode: the count lives with the lock
     try:
         try:
             try:
-                where = os.path.abspath(job.lockfile)
+                where = lock.description if job.lockfile is None else os.path.abspath(job.lockfile)
             except OSError as exc:  # a relative path, and the current directory is gone
-                raise LockUnusable(job.lockfile, reason(exc)) from None
+                raise LockUnusable(lock.description, reason(exc)) from None
             _acquire(job, where, lock, counter, watch, reporter)
         except LockBusy as busy:
             return _refuse(job, where, lock, busy, counter, watch, reporter)
@@ -199,11 +205,11 @@ def _acquire(
     job: Job,
     where: str,
     lock: LockBackend,
-    counter: Counter | None,
+    counter: Tally | None,
     watch: SignalWatch,
     reporter: Reporter,
 ) -> None:
-    holder = Holder.current(job.command_text, where)
+    holder = Holder.current(job.command_text, None if job.lockfile is None else where)
     deadline = time.monotonic() + job.wait
 
     def attempt() -> None:
@@ -294,7 +300,7 @@ def _refuse(
     where: str,
     lock: LockBackend,
     busy: LockBusy,
-    counter: Counter | None,
+    counter: Tally | None,
     watch: SignalWatch,
     reporter: Reporter,
 ) -> Result:
@@ -343,8 +349,11 @@ def _execute(
     job: Job, where: str, lock: LockBackend, watch: SignalWatch, reporter: Reporter
 ) -> Result:
     env = dict(os.environb)  # bytes: no decoding and encoding back of every variable
-    env[b"TASKRUNNER_LOCKFILE"] = os.fsencode(where)
+    if job.lockfile is not None:
+        env[b"TASKRUNNER_LOCKFILE"] = os.fsencode(where)
     env[b"TASKRUNNER_NAME"] = os.fsencode(job.name)
+    if lock.fencing_token is not None:
+        env[b"TASKRUNNER_FENCING_TOKEN"] = b"%d" % lock.fencing_token
     output = _hold_output() if job.quiet_success else None
     child = Child(
         ["sh", "-c", job.argv[0]] if job.shell else job.argv,
@@ -365,11 +374,18 @@ def _execute(
     lock.note_command(child.pid)
     if reporter.wants(DEBUG):
         reporter.debug("start", f"started {job.command_text!r} as pid {child.pid}")
-    outcome = child.wait(job.timeout, job.kill_after, watch.pending)
+    outcome = child.wait(job.timeout, job.kill_after, watch.pending, lock.heartbeat())
     result = Result(outcome.exit_status)
     result.started, result.duration = wall, time.monotonic() - started
     took = f"{result.duration:.3f}s"
-    if outcome.timed_out:
+    if outcome.lost:
+        reporter.error(
+            "lost",
+            f"{job.name}: lost {lock.description} while the command ran (the session ended, "
+            f"or the server stopped answering); stopped the command (status {outcome.status})",
+            status=outcome.status,
+        )
+    elif outcome.timed_out:
         reporter.error(
             "timeout",
             f"{job.name}: stopped after its time limit of {job.timeout:g}s "
