@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import Callable, NoReturn
 
+    from taskrunner.backend import LockBackend
     from taskrunner.runner import Job
 
 USAGE_ERROR = 2
@@ -108,6 +109,12 @@ def url(text: str) -> str:
     return text
 
 
+def database_url(text: str) -> str:
+    if not text.lower().startswith(("postgresql://", "postgres://")):
+        raise ValueError(f"not a postgresql:// URL: {text!r}")
+    return text
+
+
 def log_format(text: str) -> str:
     if text not in ("text", "json"):
         raise ValueError(f"not text or json: {text!r}")
@@ -151,6 +158,9 @@ OPTIONS = (
            "needs -f", _JOB, "N"),
     Option(("-f", "--counter-file"), str, "file that keeps the count of refusals; needs -t",
            _JOB, "COUNTERFILE"),
+    Option(("--lock-url",), database_url, "fleet mode, instead of -l: the PostgreSQL database "
+           "that holds the lock and the count (-t N alone)", _JOB, "URL"),
+    Option(("--key",), str, "fleet mode: the lock's name in that database", _JOB, "NAME"),
     Option(("--wait",), duration, "wait up to DURATION for the lock, then refuse (default 0: "
            "refuse at once); a waiter starts as soon as the lock is released", _RUN, "DURATION"),
     Option(("--timeout",), duration, "stop the command after DURATION: TERM to its process "
@@ -272,22 +282,32 @@ def _job_from(values: dict[str, object], program: list[str] | None) -> Job:
 
     command, lockfile, counter_file = text("command"), text("lockfile"), text("counter_file")
     threshold = values.get("threshold")
-    if lockfile is None:
+    lock_url, key = text("lock_url"), text("key")
+    fleet = lock_url is not None or key is not None
+    if fleet:
+        if lockfile is not None:
+            raise UsageError("give -l LOCKFILE, or --lock-url URL --key NAME, not both")
+        if lock_url is None or key is None:
+            raise UsageError("--lock-url and --key go together")
+        if counter_file is not None:
+            raise UsageError("-f/--counter-file is for lock files: with --lock-url the count "
+                             "is in the database (give -t N alone)")  # fmt: skip
+    elif lockfile is None:
         raise UsageError("the lock file is required: -l LOCKFILE", missing=True)
     if command is not None and program is not None:
         raise UsageError("give the command with -c CMD or after --, not both")
     if command is None and program is None:
         raise UsageError("no command: give -c CMD or -- PROGRAM [ARG...]", missing=True)
-    if (threshold is None) != (counter_file is None):
+    if not fleet and (threshold is None) != (counter_file is None):
         raise UsageError("-t/--threshold and -f/--counter-file go together")
     if values.get("cumulative") and threshold is None:
-        raise UsageError("--cumulative needs -t N -f COUNTERFILE")
+        raise UsageError("--cumulative needs -t N" + ("" if fleet else " -f COUNTERFILE"))
     if values.get("quiet") and values.get("verbose"):
         raise UsageError("-q/--quiet and -v/--verbose contradict each other")
-    for key in ("command", "lockfile", "counter_file", "name", "log_file", "on_stuck",
-                "on_recover", "metrics_file"):  # fmt: skip
-        if values.get(key) == "":
-            raise UsageError(f"--{key.replace('_', '-')} is empty")
+    for option in ("command", "lockfile", "counter_file", "name", "log_file", "on_stuck",
+                   "on_recover", "metrics_file", "key"):  # fmt: skip
+        if values.get(option) == "":
+            raise UsageError(f"--{option.replace('_', '-')} is empty")
     if program == []:
         raise UsageError("no program after --")
     if program is not None and not program[0]:
@@ -310,7 +330,7 @@ def _job_from(values: dict[str, object], program: list[str] | None) -> Job:
             seen[where] = what
     if values.get("hook_timeout") == 0:
         raise UsageError("--hook-timeout must be more than 0: hooks are always cut off")
-    name = text("name") or os.path.basename(lockfile) or lockfile
+    name = text("name") or key or os.path.basename(lockfile or "") or lockfile or ""
 
     def seconds(key: str, default: float) -> float:
         value = values.get(key)
@@ -334,6 +354,8 @@ def _job_from(values: dict[str, object], program: list[str] | None) -> Job:
         hook_timeout=seconds("hook_timeout", 30.0),
         metrics_file=text("metrics_file"),
         quiet_success=bool(values.get("quiet_success")),
+        lock_url=lock_url,
+        key=key,
     )
 
 
@@ -372,8 +394,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         syslog=bool(values.get("syslog")),
         log_format=fmt if isinstance(fmt, str) else "text",
     )
+    lock: LockBackend
+    if job.lockfile is not None:
+        lock = FileLock(job.lockfile)
+    else:
+        from taskrunner.pglock import PgLock
+
+        lock = PgLock(job.lock_url or "", job.key or "", cumulative=job.cumulative)
     try:
-        result = run(job, FileLock(job.lockfile), reporter)
+        result = run(job, lock, reporter)
     finally:
         reporter.close()
     if result.terminal_signal is not None:
