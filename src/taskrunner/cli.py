@@ -31,6 +31,7 @@ _DIGITS = frozenset("0123456789")
 USAGE = """\
 taskrunner -c CMD -l LOCKFILE [-t N -f COUNTERFILE] [options]
        taskrunner -l LOCKFILE [-t N -f COUNTERFILE] [options] -- PROGRAM [ARG...]
+       taskrunner --lock-url postgresql://... --key NAME [-t N] [options] -c CMD
        taskrunner status [--json] [-f COUNTERFILE] LOCKFILE...
        taskrunner unlock [--force] LOCKFILE"""
 
@@ -49,12 +50,14 @@ exit status:
   the command's own  the command ran (128+N if signal N killed it)
   2                  usage error
   71                 the lock or counter cannot be used; the command did not run
+  74                 fleet mode: the lock was lost while the command ran; it was stopped
   75                 busy: another run (or a manual hold) has the lock; not run
   76                 busy, and past the threshold or --stuck-after: reported
   124                the command reached --timeout and was stopped
   126, 127           the program cannot be run, or was not found
 
-The command gets TASKRUNNER_LOCKFILE and TASKRUNNER_NAME in its environment. Hooks get
+The command gets TASKRUNNER_LOCKFILE and TASKRUNNER_NAME in its environment; in fleet mode
+TASKRUNNER_NAME and TASKRUNNER_FENCING_TOKEN, which grows with every acquisition. Hooks get
 TASKRUNNER_EVENT (stuck or stale), TASKRUNNER_NAME, TASKRUNNER_LOCKFILE, TASKRUNNER_COUNT,
 TASKRUNNER_HOLDER_PID, TASKRUNNER_HOLDER_HOST and TASKRUNNER_HOLDER_SINCE.
 
