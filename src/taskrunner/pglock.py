@@ -50,6 +50,7 @@ import time
 
 from taskrunner.errors import CounterUnusable, LockBusy, LockUnusable
 from taskrunner.holder import Holder
+from taskrunner.lockfile import FREE, HELD, MANUAL, LockState
 from taskrunner.process import Heartbeat
 from taskrunner.signals import SignalWatch
 
@@ -75,8 +76,11 @@ _HEARTBEAT_TIMEOUT = 2.0  # default deadline of held()
 HEARTBEAT_INTERVAL = 1.0
 _RELEASE_TIMEOUT = 5.0
 _POLL = 0.05  # seconds between looks while waiting for the holder
+_INSPECT_TRIES = 20  # looks, _POLL apart, while a run of taskrunner's is taking the key
 _APP_NAME_MAX = 63  # bytes: the server's NAMEDATALEN - 1
 _MISSING = "fleet mode needs psycopg: pip install 'taskrunner-lock[postgres]'"
+#: The line that says psycopg is missing.
+MISSING = _MISSING
 _POOLER = (
     "the server session is shared or changes (a pooler in transaction mode?): session "
     "advisory locks need a direct connection or session pooling"
@@ -99,6 +103,38 @@ def _psycopg(where: str) -> Any:
 
 class _Failed(Exception):
     """A bounded statement failed or ran out of time: the connection is not to be trusted."""
+
+
+class DatabaseUnusable(LockUnusable):
+    """No key of the database can be looked at: psycopg is missing, or the server cannot
+    be reached or refuses the connection. ``where`` names the database (``HOST:PORT/DB``)."""
+
+    def __init__(self, path: str, reason: str, where: str) -> None:
+        super().__init__(path, reason)
+        self.where = where
+
+
+class FleetState(LockState):
+    """What :meth:`PgLock.inspect` found: a :class:`LockState` (FREE, HELD or MANUAL; never
+    STALE, since the server frees a dead session's lock) with the count of refusals and the
+    server session (backend pid) holding the key, if any."""
+
+    __slots__ = ("backend", "count")
+
+    def __init__(
+        self,
+        state: str,
+        holder: Holder | None = None,
+        *,
+        count: int = 0,
+        backend: int | None = None,
+    ) -> None:
+        # A holder's runner is on some host of the fleet: whether it runs cannot be told.
+        super().__init__(state, holder, runner_running=holder is not None)
+        #: The count of refusals in the key's row (0 without one).
+        self.count = count
+        #: The backend pid of the session holding the key; None when FREE.
+        self.backend = backend
 
 
 # -- SQL -----------------------------------------------------------------------------------
@@ -152,6 +188,14 @@ _PROBE = "SELECT CASE WHEN pg_try_advisory_lock(%(key)s) THEN pg_advisory_unlock
 # Best effort, never waiting for a row an operator's open transaction has locked.
 _NOTE = f"""UPDATE {_TABLE} SET holder = $1
 WHERE key = (SELECT key FROM {_TABLE} WHERE key = $2 FOR UPDATE SKIP LOCKED)"""
+
+# What status shows: the sessions holding the key (several for a shared hold), and the row.
+_HOLDERS = f"""SELECT array_agg(pid ORDER BY pid) FROM pg_locks WHERE granted AND {_KEY_IN_PG_LOCKS}
+    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
+_INSPECT = f"""SELECT ({_HOLDERS}), t.count, t.name, t.holder
+FROM (SELECT 1) AS one LEFT JOIN {_TABLE} AS t ON t.key = %(key)s"""
+_OURS = """SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+    WHERE pid = %(pid)s AND application_name LIKE 'taskrunner %%')"""
 
 # The heartbeat: does this very session hold the key?
 _HELD = f"""SELECT EXISTS (SELECT 1 FROM pg_locks
@@ -298,6 +342,60 @@ class PgLock:
         # Text columns take neither NUL nor bytes that are not UTF-8.
         text = self._holder.encode().decode("utf-8", "replace").replace("\0", "\ufffd")
         return f"{text}backend_pid {self._backend}\n"
+
+    # -- operations: what an operator sees -------------------------------------------
+
+    def inspect(self) -> FleetState:
+        """Who holds the key now, for ``taskrunner status``, without disturbing a run: on a
+        connection of its own, closed after, that never takes the advisory lock nor waits
+        for the row, and creates no table (a missing one: the key is free). HELD when the
+        session holding the key is the one the row's record names; MANUAL when something
+        else holds it. Raises ``DatabaseUnusable`` when no key can be looked at (psycopg
+        missing, the server unreachable), ``LockUnusable`` for a failure on this key."""
+        _password, where = _where(self.url)
+        try:
+            psycopg = _psycopg(self.description)
+            probe = PgLock(self.url, self.key, connect_timeout=self.connect_timeout)
+            conn = probe._connect(psycopg)
+        except LockUnusable as exc:
+            raise DatabaseUnusable(self.description, exc.reason, where) from None
+        try:
+            for _ in range(_INSPECT_TRIES - 1):
+                state = probe._look(psycopg, conn)
+                if state.state != MANUAL or not probe._taking(conn, state.backend):
+                    return state
+                time.sleep(_POLL)  # a run is taking the key: its record is on its way
+            return probe._look(psycopg, conn)
+        except psycopg.Error as exc:
+            raise LockUnusable(self.description, self._reason(exc)) from None
+        except _Failed as exc:
+            raise LockUnusable(self.description, str(exc)) from None
+        finally:
+            probe.close()
+
+    def _look(self, psycopg: Any, conn: Connection) -> FleetState:
+        params = {"key": self.key_id, **self._halves()}
+        try:
+            row = conn.execute(_INSPECT, params).fetchone()
+        except psycopg.errors.UndefinedTable:  # no run has used the database yet
+            row = (*(conn.execute(_HOLDERS, params).fetchone() or (None,)), 0, None, None)
+        assert row is not None
+        backends, count, name, record = row
+        count = count or 0
+        if name is not None and name != _text(self.key):
+            raise _Failed(f"key hash {self.key_id} is already used by the key {name!r}")
+        if not backends:
+            return FleetState(FREE, count=count)
+        holder = Holder.decode(record.encode()) if record else None
+        if holder is not None and len(backends) == 1 and backends[0] == _backend_of(record):
+            return FleetState(HELD, holder, count=count, backend=backends[0])
+        return FleetState(MANUAL, count=count, backend=backends[0])
+
+    def _taking(self, conn: Connection, backend: int | None) -> bool:
+        """Whether the session ``backend``, holding the key though the row does not name
+        it, is a run of taskrunner's between taking the key and recording itself."""
+        row = conn.execute(_OURS, {"pid": backend}).fetchone()
+        return row is not None and bool(row[0])
 
     # -- counting: the runner's counter ------------------------------------------------
 
@@ -495,4 +593,4 @@ def _where(url: str) -> tuple[str | None, str]:
     return params.get("password") or None, f"{host}:{port}/{dbname}"
 
 
-__all__ = ["KEY_VERSION", "PgLock", "key_hash"]
+__all__ = ["KEY_VERSION", "MISSING", "DatabaseUnusable", "FleetState", "PgLock", "key_hash"]
