@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from psycopg.conninfo import conninfo_to_dict
-
-from test_fleet_backend import URL, Proxy, admin, key, row  # noqa: F401 (fixtures)
+# First: it skips the module when there is no server (or no psycopg).
+from test_fleet_backend import URL, Proxy, admin, key, psycopg, row  # noqa: F401 (fixtures)
 
 from conftest import alive, children, finish, kill_group, overlaps, probe, run, start, wait_for
 
@@ -102,7 +101,7 @@ def test_a_partition_stops_the_command_before_the_server_frees_the_lock(key: str
     while the server still holds the lock for the cut-off session, so no second run can start
     in between. The time from the cut to the command's end is the window in which another
     host would overlap, had the server freed the lock at the moment of the cut."""
-    info = conninfo_to_dict(URL)
+    info = psycopg.conninfo.conninfo_to_dict(URL)
     proxy = Proxy(str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432))
     stopped = tmp_path / "stopped"
     try:
