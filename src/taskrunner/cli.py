@@ -33,6 +33,7 @@ taskrunner -c CMD -l LOCKFILE [-t N -f COUNTERFILE] [options]
        taskrunner -l LOCKFILE [-t N -f COUNTERFILE] [options] -- PROGRAM [ARG...]
        taskrunner --lock-url postgresql://... --key NAME [-t N] [options] -c CMD
        taskrunner status [--json] [-f COUNTERFILE] LOCKFILE...
+       taskrunner status [--json] --lock-url URL KEY...
        taskrunner unlock [--force] LOCKFILE"""
 
 DESCRIPTION = """\
