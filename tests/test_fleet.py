@@ -157,3 +157,14 @@ def test_a_signal_to_the_runner_reaches_the_command_and_releases(key: str, tmp_p
     holder.send_signal(signal.SIGTERM)
     assert finish(holder)[0] == 128 + signal.SIGTERM
     assert run(*fleet(key), "-c", "true").returncode == 0
+
+
+def test_a_url_asking_for_another_client_encoding_still_works(admin, tmp_path: Path):
+    """Keys and records are UTF-8 whatever encoding the URL asks for: a non-ASCII key, a
+    command with non-ASCII text, the record written while it runs."""
+    for encoding in ("LATIN1", "SQL_ASCII", "EUC_JP"):
+        url = f"{URL}?client_encoding={encoding}"
+        name = f"ключ-{encoding}-{os.urandom(3).hex()}"
+        result = run("--lock-url", url, "--key", name, "-c", "sleep 1.5; echo done ą")
+        admin.execute("DELETE FROM taskrunner_locks WHERE name = %s", (name,))
+        assert (result.returncode, result.stdout) == (0, "done ą\n"), (encoding, result.stderr)

@@ -277,6 +277,9 @@ class PgLock:
                 keepalives_interval=5,
                 keepalives_count=3,
                 tcp_user_timeout=_TCP_USER_TIMEOUT_MS,
+                # Whatever the URL says: keys and records are UTF-8 text, and the raw
+                # statements of note_command and held() send them as such.
+                client_encoding="UTF8",
             )
         except psycopg.Error as exc:
             raise LockUnusable(self.description, self._reason(exc)) from None
