@@ -30,6 +30,14 @@ def holding(key: str, go: Path, *options: str, url: str = URL) -> Any:
     return proc
 
 
+def command_of(runner: int) -> int:
+    """The command the runner started: its child that is not the keeper of its session (a
+    fork of the runner itself)."""
+    itself = Path(f"/proc/{runner}/cmdline").read_bytes()
+    (command,) = [c for c in children(runner) if Path(f"/proc/{c}/cmdline").read_bytes() != itself]
+    return command
+
+
 def test_a_second_run_is_refused_and_counted_once_for_the_fleet(key: str, admin, tmp_path: Path):
     go = tmp_path / "go"
     holder = holding(key, go)
@@ -72,7 +80,7 @@ def test_a_storm_of_40_runs_one_and_counts_39(key: str, admin, tmp_path: Path):
 def test_a_killed_runner_keeps_the_lock_until_its_command_ends(key: str, tmp_path: Path):
     go = tmp_path / "go"
     holder = holding(key, go)
-    (command,) = children(holder.pid)
+    command = command_of(holder.pid)
     holder.kill()  # SIGKILL: the runner, not its command
     holder.wait()
     time.sleep(1.5)
@@ -168,3 +176,27 @@ def test_a_url_asking_for_another_client_encoding_still_works(admin, tmp_path: P
         result = run("--lock-url", url, "--key", name, "-c", "sleep 1.5; echo done ą")
         admin.execute("DELETE FROM taskrunner_locks WHERE name = %s", (name,))
         assert (result.returncode, result.stdout) == (0, "done ą\n"), (encoding, result.stderr)
+
+
+def test_a_killed_runner_whose_command_closes_its_descriptors_keeps_the_lock(
+    key: str, tmp_path: Path
+):
+    """The command closes every descriptor it inherited, the session's socket too, and its
+    runner is killed: the lock still lasts as long as the command."""
+    go, started = tmp_path / "go", tmp_path / "started"
+    script = (
+        "import os, time; os.closerange(3, 1 << 16); open(os.environ['STARTED'], 'w').close()\n"
+        "while not os.path.exists(os.environ['GO']): time.sleep(0.01)"
+    )
+    holder = start(*fleet(key), "--", "python3", "-c", script,
+                   env={**os.environ, "GO": str(go), "STARTED": str(started)})  # fmt: skip
+    wait_for(started.exists, "the command to close its descriptors")
+    command = command_of(holder.pid)
+    holder.kill()
+    holder.wait()
+    time.sleep(1.0)
+    for _ in range(3):
+        assert run(*fleet(key), "-c", "true").returncode == 75, "never two runs"
+    go.touch()
+    wait_for(lambda: not alive(command), "the command to end")
+    wait_for(lambda: run(*fleet(key), "-c", "true").returncode == 0, "the lock to be free")

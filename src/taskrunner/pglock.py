@@ -76,6 +76,7 @@ _HEARTBEAT_TIMEOUT = 2.0  # default deadline of held()
 HEARTBEAT_INTERVAL = 1.0
 _RELEASE_TIMEOUT = 5.0
 _POLL = 0.05  # seconds between looks while waiting for the holder
+_KEEPER_POLL = 0.2  # seconds between a keeper's looks at the command
 _INSPECT_TRIES = 20  # looks, _POLL apart, while a run of taskrunner's is taking the key
 _APP_NAME_MAX = 63  # bytes: the server's NAMEDATALEN - 1
 _MISSING = "fleet mode needs psycopg: pip install 'taskrunner-lock[postgres]'"
@@ -233,6 +234,7 @@ class PgLock:
         self._backend = 0  # our session's backend pid
         self._holder: Holder | None = None
         self._lost = False  # the connection failed or timed out: never trusted again
+        self._keeper: int | None = None  # pid of the process keeping the session for the command
 
     # -- acquiring ---------------------------------------------------------------------
 
@@ -454,11 +456,45 @@ class PgLock:
 
         self._holder.command_pid = pid
         self._holder.command_start = process_start(pid)
+        self._keep_for(pid, self._holder.command_start)
         params = (self._record().encode(), str(self.key_id).encode())
         try:
             self._bounded(_NOTE.encode(), params, _HEARTBEAT_TIMEOUT)
         except _Failed:
             pass  # the connection is marked lost: the next heartbeat says so
+
+    def _keep_for(self, pid: int, start: int | None) -> None:
+        """Start a keeper: a process of its own that holds the session's socket open until
+        the command ends. Should the runner be killed, the session, and with it the lock,
+        then lasts as long as the command, even one that closes what it inherited."""
+        if self._conn is None:
+            return
+        sock = self._conn.fileno()
+        try:
+            keeper = os.fork()
+        except OSError:
+            return  # the command still holds the socket it inherited
+        if keeper == 0:  # pragma: no cover (the keeper)
+            try:
+                os.setsid()  # out of the way of signals to the runner's or command's group
+                os.closerange(0, sock)
+                os.closerange(sock + 1, 1 << 16)
+                from taskrunner.holder import running
+
+                while running(pid, start):
+                    time.sleep(_KEEPER_POLL)
+            finally:
+                os._exit(0)
+        self._keeper = keeper
+
+    def _stop_keeper(self) -> None:
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            try:
+                os.kill(keeper, 9)
+                os.waitpid(keeper, 0)
+            except OSError:
+                pass
 
     def _bounded(self, query: bytes, params: Sequence[bytes], timeout: float) -> bytes | None:
         """The first value ``query`` returns, within ``timeout`` seconds on the client's
@@ -534,6 +570,7 @@ class PgLock:
         return True
 
     def close(self) -> None:
+        self._stop_keeper()
         self.fencing_token = None
         self._holder = None
         conn, self._conn = self._conn, None
