@@ -200,3 +200,27 @@ def test_a_killed_runner_whose_command_closes_its_descriptors_keeps_the_lock(
     go.touch()
     wait_for(lambda: not alive(command), "the command to end")
     wait_for(lambda: run(*fleet(key), "-c", "true").returncode == 0, "the lock to be free")
+
+
+def test_a_stalled_connection_while_waiting_ends_the_run_with_71(key: str, tmp_path: Path):
+    """A proxy that stops forwarding while a run waits for the lock: no error comes by
+    itself, and the run must not wait for ever: it gives up within the answer time (10 s)."""
+    info = psycopg.conninfo.conninfo_to_dict(URL)
+    proxy = Proxy(str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432))
+    go = tmp_path / "go"
+    try:
+        holder = holding(key, go)
+        url = f"postgresql://postgres@127.0.0.1:{proxy.port}/{info.get('dbname', 'test')}"
+        waiter = start(*fleet(key, "--wait", "60", url=url), "-c", "true")
+        time.sleep(1.0)  # it polls the lock through the proxy
+        proxy.frozen.set()
+        began = time.monotonic()
+        status, _, err = finish(waiter)
+        took = time.monotonic() - began
+        assert status == 71
+        assert "no answer from the server within 10s" in err
+        assert took < 30
+    finally:
+        proxy.close()
+        go.touch()
+    assert finish(holder)[0] == 0

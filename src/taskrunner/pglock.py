@@ -42,6 +42,7 @@ session's backend changes between two statements, or already holds the key it is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -52,11 +53,11 @@ from taskrunner.errors import CounterUnusable, LockBusy, LockUnusable
 from taskrunner.holder import Holder
 from taskrunner.lockfile import FREE, HELD, MANUAL, LockState
 from taskrunner.process import Heartbeat
-from taskrunner.signals import SignalWatch
+from taskrunner.signals import SignalWatch, signal
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
     from typing import Any, Callable
 
     import psycopg
@@ -77,6 +78,9 @@ HEARTBEAT_INTERVAL = 1.0
 _RELEASE_TIMEOUT = 5.0
 _POLL = 0.05  # seconds between looks while waiting for the holder
 _KEEPER_POLL = 0.2  # seconds between a keeper's looks at the command
+_ANSWER = 10.0  # seconds the server has to answer a statement, as its statement_timeout
+_STALL_REPEAT = 0.5
+_STALLED = f"no answer from the server within {_ANSWER:g}s"
 _INSPECT_TRIES = 20  # looks, _POLL apart, while a run of taskrunner's is taking the key
 _APP_NAME_MAX = 63  # bytes: the server's NAMEDATALEN - 1
 _MISSING = "fleet mode needs psycopg: pip install 'taskrunner-lock[postgres]'"
@@ -100,6 +104,33 @@ def _psycopg(where: str) -> Any:
     except ImportError:
         raise LockUnusable(where, _MISSING) from None
     return psycopg
+
+
+class _Stalled(BaseException):
+    """Raised by the alarm of :func:`_answered_within`: the server has not answered."""
+
+
+@contextlib.contextmanager
+def _answered_within(seconds: float) -> Iterator[None]:
+    """Cut the statements run in this block short with :class:`_Stalled` after ``seconds``:
+    a connection that stays open but gets no answer (a stalled proxy) gives no error on its
+    own. The alarm repeats, so that a ROLLBACK on the way out is cut short too. Main thread
+    only, as signal handlers are; elsewhere the block runs unguarded."""
+
+    def stalled(signum: int, frame: object) -> None:
+        raise _Stalled
+
+    try:
+        old = signal.signal(signal.SIGALRM, stalled)
+    except ValueError:  # not the main thread
+        yield
+        return
+    signal.setitimer(signal.ITIMER_REAL, seconds, _STALL_REPEAT)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 class _Failed(Exception):
@@ -242,6 +273,15 @@ class PgLock:
         if self.fencing_token is not None:
             raise RuntimeError("lock already held")
         psycopg = _psycopg(self.description)
+        try:
+            with _answered_within(_ANSWER):
+                self._acquire(psycopg, holder)
+        except _Stalled:
+            self._lost = True
+            self.close()
+            raise LockUnusable(self.description, _STALLED) from None
+
+    def _acquire(self, psycopg: Any, holder: Holder) -> None:
         conn = self._connect(psycopg)
         try:
             try:
@@ -409,13 +449,18 @@ class PgLock:
         exceeded ``threshold``; if it did, the count is reset to 0."""
         psycopg = _psycopg(self.description)
         try:
-            conn = self._connect(psycopg)
-            params = {"key": self.key_id, "threshold": threshold, "name": _text(self.key)}
-            for _ in range(2):
-                row = conn.execute(_INCREMENT, params).fetchone()
-                if row is not None:
-                    return row[0], row[0] > threshold
-                conn.execute(_ADD_ROW, params)  # an operator deleted the row meanwhile
+            with _answered_within(_ANSWER):
+                conn = self._connect(psycopg)
+                params = {"key": self.key_id, "threshold": threshold, "name": _text(self.key)}
+                for _ in range(2):
+                    row = conn.execute(_INCREMENT, params).fetchone()
+                    if row is not None:
+                        return row[0], row[0] > threshold
+                    conn.execute(_ADD_ROW, params)  # an operator deleted the row meanwhile
+        except _Stalled:
+            self._lost = True
+            self.close()
+            raise CounterUnusable(self.description, _STALLED) from None
         except psycopg.Error as exc:
             raise CounterUnusable(self.description, self._reason(exc)) from None
         except LockUnusable as exc:
@@ -539,8 +584,13 @@ class PgLock:
         while True:
             watch.check()
             try:
-                conn = self._connect(psycopg)
-                row = conn.execute(_PROBE, {"key": self.key_id}).fetchone()
+                with _answered_within(_ANSWER):
+                    conn = self._connect(psycopg)
+                    row = conn.execute(_PROBE, {"key": self.key_id}).fetchone()
+            except _Stalled:
+                self._lost = True
+                self.close()
+                raise LockUnusable(self.description, _STALLED) from None
             except psycopg.Error as exc:
                 self.close()
                 raise LockUnusable(self.description, self._reason(exc)) from None
