@@ -11,6 +11,10 @@ class TaskrunnerError(Exception):
     """Base class of every error taskrunner raises on purpose."""
 
 
+class InvalidJob(TaskrunnerError, ValueError):
+    """Arguments that do not describe a job: ones the command line refuses with exit 2."""
+
+
 class Unusable(TaskrunnerError):
     """A lock or counter path that cannot be used: the command must not run (exit 71)."""
 

@@ -196,6 +196,31 @@ def iso8601(when: float | None) -> str | None:
         return None
 
 
+_IDENTITY: list[tuple[int, str, str | None, int | None, int | None]] = []
+
+
+def _identity() -> tuple[int, str, str | None, int | None, int | None]:
+    """This process's pid, host name, boot id, start time and pid namespace, read once per
+    process: a program that takes locks again and again need not read /proc each time. (A
+    forked child has a pid of its own and reads its own; a renamed host shows its old name.)"""
+    pid = os.getpid()
+    if not _IDENTITY or _IDENTITY[0][0] != pid:
+        _IDENTITY[:] = [(pid, os.uname().nodename, boot_id(), process_start(pid), pid_namespace())]
+    return _IDENTITY[0]
+
+
+def command_text(argv: list[str]) -> str:
+    """A program and its arguments as a person would type them in a shell."""
+    return " ".join(_quote(arg) for arg in argv)
+
+
+def _quote(arg: str) -> str:
+    safe = "-_./=:,+@%^"
+    if arg and all(c.isalnum() or c in safe for c in arg):
+        return arg
+    return "'" + arg.replace("'", "'\\''") + "'"
+
+
 def format_age(seconds: float) -> str:
     """A short human duration: ``45s``, ``3m12s``, ``2h05m``, ``3d04h``."""
     s = max(0, int(seconds))
@@ -241,9 +266,9 @@ class Holder:
     def current(cls, command: str, lockfile: str | None = None) -> Holder:
         """The record for this process, about to run ``command`` with ``lockfile`` in its
         environment."""
-        pid = os.getpid()
-        holder = cls(pid, os.uname().nodename, time.time(), command, boot_id(), process_start(pid))
-        holder.pidns = pid_namespace()
+        pid, host, boot, start, pidns = _identity()
+        holder = cls(pid, host, time.time(), command, boot, start)
+        holder.pidns = pidns
         holder.lockfile = lockfile
         return holder
 

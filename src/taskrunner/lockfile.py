@@ -52,13 +52,17 @@ _MAX_ATTEMPTS = 10000
 _ORPHAN_AGE = 60.0  # seconds after which an unflocked named record is surely abandoned
 _POLL = 0.01  # seconds between looks where there is nothing to block on
 _FRESH = 1.0  # seconds after which a waiter's record gets the time it took the lock
+# A waiter without signal handlers polls: from a millisecond apart up to this.
+_FIRST_NAP, _MAX_NAP = 0.001, 0.02
 _TMPFILE_UNSUPPORTED = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL)
 
 
 class FileLock:
     """A lock file at ``path``, as described in the module docstring."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, for_command: bool = True) -> None:
+        """``for_command``: whether a command will inherit the lock (the runner's case), so
+        that a second open file is kept for it."""
         self.description = path
         self.path = path
         self.recovered: Holder | None = None
@@ -75,6 +79,7 @@ class FileLock:
         self._holder: Holder | None = None
         self._poll = False  # the last refusal came from a holder that holds no flock now
         self._anonymous = hasattr(os, "O_TMPFILE")
+        self._for_command = for_command
 
     # -- acquiring ---------------------------------------------------------------------
 
@@ -178,7 +183,8 @@ class FileLock:
         if self._tempname is not None:
             self._discard_tempname(dirfd)
             self._sweep_orphans(dirfd)
-        self._command_fd = self._open_for_command(dirfd)
+        if self._for_command:
+            self._command_fd = self._open_for_command(dirfd)
         return True
 
     def _open_for_command(self, dirfd: int) -> int:
@@ -227,8 +233,7 @@ class FileLock:
 
     def _write_record(self, dirfd: int, fd: int, holder: Holder) -> None:
         try:
-            os.ftruncate(fd, 0)
-            write_all(fd, holder.encode())
+            write_all(fd, holder.encode())  # a new, empty file: nothing to truncate
             # After a power cut the path must not show an empty file: that would read as a
             # manual hold and stop the job until someone noticed.
             os.fdatasync(fd)
@@ -279,7 +284,9 @@ class FileLock:
 
     # -- waiting, holding, releasing ---------------------------------------------------
 
-    def wait_for_change(self, deadline: float, watch: SignalWatch) -> bool:
+    def wait_for_change(self, deadline: float, watch: SignalWatch | None) -> bool:
+        """Without a ``watch`` (a library caller, in any thread: no signal handlers), the
+        holder's flock is polled, at most ``_MAX_NAP`` apart."""
         if self._fd is None and self._holder is not None and self._dirfd is not None:
             # Have the record ready, so that taking the lock once it is free is one link.
             self._fd = self._prepare(self._dirfd, self._holder)
@@ -289,9 +296,14 @@ class FileLock:
                 return True
             # Nothing to block on: the holder lives but holds no flock for a moment.
             self._poll = False
-            watch.call_until(lambda: time.sleep(_POLL), deadline)
+            if watch is None:
+                time.sleep(max(0.0, min(_POLL, deadline - time.monotonic())))
+            else:
+                watch.call_until(lambda: time.sleep(_POLL), deadline)
             return time.monotonic() < deadline
         try:
+            if watch is None:
+                return _poll_flock(fd, deadline)
             return watch.call_until(lambda: fcntl.flock(fd, fcntl.LOCK_EX), deadline)
         except OSError as exc:
             raise LockUnusable(self.path, reason(exc)) from None
@@ -371,6 +383,13 @@ class FileLock:
         except BlockingIOError:
             pass  # a newcomer is looking at it: our record, alive, makes it back off
         return False
+
+    def abandon(self) -> None:
+        """Close everything without releasing: in a forked child, whose parent still holds
+        the lock through the same open files."""
+        self._ident = None
+        self._tempname = None
+        self.close()
 
     def close(self) -> None:
         try:
@@ -560,6 +579,23 @@ def _flocked(st: os.stat_result) -> bool | None:
     # In any other pid namespace, /proc/locks leaves out the flocks of processes it cannot
     # see, such as a dead runner's, which its command holds on: there, absence proves nothing.
     return False if pid_namespace() == _INIT_PIDNS else None
+
+
+def _poll_flock(fd: int, deadline: float) -> bool:
+    """Try for an exclusive flock on ``fd`` until ``deadline`` (``time.monotonic()``),
+    napping longer each time up to ``_MAX_NAP``: True once it is won."""
+    nap = _FIRST_NAP
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(nap, left))
+        nap = min(nap * 2, _MAX_NAP)
 
 
 def _probe(fd: int) -> bool:

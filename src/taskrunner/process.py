@@ -143,6 +143,7 @@ class Child:
         self.pid = 0
         self.own_group = True
         self._saved_mask: set[int] | None = None
+        self._saved_chld: object = None
         self._signalled: dict[int, int | None] = {}  # with a terminal: pid -> start time
 
     def block(self) -> None:
@@ -150,7 +151,7 @@ class Child:
         at signals that came earlier, and before :meth:`start`, so that none is missed."""
         if self._saved_mask is None:
             # An inherited SIG_IGN for SIGCHLD would reap the command before we could.
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            self._saved_chld = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             self._saved_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self._waited)
 
     def start(self) -> None:
@@ -362,5 +363,9 @@ class Child:
 
     def _restore_mask(self) -> None:
         if self._saved_mask is not None:
+            # What a library caller had for SIGCHLD, back while the signal is still blocked.
+            if self._saved_chld not in (None, signal.SIG_DFL):
+                signal.signal(signal.SIGCHLD, self._saved_chld)  # type: ignore[arg-type]
+            self._saved_chld = None
             signal.pthread_sigmask(signal.SIG_SETMASK, self._saved_mask)
             self._saved_mask = None

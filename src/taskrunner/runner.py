@@ -9,9 +9,16 @@ from __future__ import annotations
 import os
 import time
 
-from taskrunner.errors import CannotRun, Interrupted, LockBusy, LockUnusable, Unusable
+from taskrunner.errors import (
+    CannotRun,
+    Interrupted,
+    LockBusy,
+    LockUnusable,
+    TaskrunnerError,
+    Unusable,
+)
 from taskrunner.fsutil import reason
-from taskrunner.holder import Holder, format_age
+from taskrunner.holder import Holder, command_text, format_age
 from taskrunner.process import Child, has_terminal
 from taskrunner.report import DEBUG, Reporter
 from taskrunner.signals import SignalWatch, signal
@@ -85,23 +92,17 @@ class Job:
     @property
     def command_text(self) -> str:
         """The command as a person would type it."""
-        return self.argv[0] if self.shell else " ".join(_quote(a) for a in self.argv)
-
-
-def _quote(arg: str) -> str:
-    safe = "-_./=:,+@%^"
-    if arg and all(c.isalnum() or c in safe for c in arg):
-        return arg
-    return "'" + arg.replace("'", "'\\''") + "'"
+        return self.argv[0] if self.shell else command_text(self.argv)
 
 
 class Result:
     """What a run came to."""
 
-    __slots__ = ("duration", "held", "reported", "started", "status", "terminal_signal")
+    __slots__ = ("duration", "error", "held", "reported", "started", "status", "terminal_signal")
 
     def __init__(self, status: int, terminal_signal: int | None = None) -> None:
-        #: taskrunner's exit status.
+        #: taskrunner's exit status: the command's own, or one of the statuses the README
+        #: lists (75 busy, 76 reported as stuck, 124 time limit, ...).
         self.status = status
         #: The terminal's Ctrl-C (SIGINT) or Ctrl-\\ (SIGQUIT) that ended the command, if one
         #: did: a command-line caller should then die of it too, so that a calling shell
@@ -115,21 +116,31 @@ class Result:
         self.held = False
         #: Whether this refusal reported the job as stuck.
         self.reported = False
+        #: What went wrong when the command did not run for a reason other than a busy lock
+        #: (the status is then 71, 126, 127 or 128+N): the command line has already said
+        #: it; the library raises it.
+        self.error: TaskrunnerError | None = None
+
+    @property
+    def ran(self) -> bool:
+        """Whether the command ran (whatever it then did)."""
+        return self.started is not None
 
     @property
     def refused(self) -> bool:
+        """Whether the lock was busy, so the command did not run."""
         return self.status in (BUSY, STUCK) and self.started is None
 
 
 def run(job: Job, lock: LockBackend, reporter: Reporter) -> Result:
     """Run ``job`` under ``lock``."""
     if not hasattr(signal, "sigtimedwait"):
-        reporter.error(
-            "unsupported",
+        message = (
             f"{job.name}: not run: this system lacks sigtimedwait(2), which taskrunner needs "
-            "to watch the command (Linux and FreeBSD have it; macOS does not)",
+            "to watch the command (Linux and FreeBSD have it; macOS does not)"
         )
-        return Result(UNUSABLE)
+        reporter.error("unsupported", message)
+        return _failed(UNUSABLE, TaskrunnerError(message))
     watch = SignalWatch()
     watch.install()
     try:
@@ -161,15 +172,15 @@ def _run(job: Job, lock: LockBackend, watch: SignalWatch, reporter: Reporter) ->
         return _execute(job, where, lock, watch, reporter)
     except Unusable as exc:
         reporter.error("unusable", f"{job.name}: not run: {exc.path}: {exc.reason}")
-        return Result(UNUSABLE)
+        return _failed(UNUSABLE, exc)
     except CannotRun as exc:
         reporter.error("cannot-run", f"{job.name}: {exc.program}: {exc.reason}")
-        return Result(exc.status)
+        return _failed(exc.status, exc)
     except Interrupted as exc:
         reporter.info("interrupted", f"{job.name}: not run: signal {exc.signum} arrived first")
         # Ctrl-C on a terminal while waiting for the lock ends the job, calling script too.
         from_terminal = exc.signum in (signal.SIGINT, signal.SIGQUIT) and has_terminal()
-        return Result(128 + exc.signum, exc.signum if from_terminal else None)
+        return _failed(128 + exc.signum, exc, exc.signum if from_terminal else None)
     finally:
         try:
             lock.close()
@@ -177,6 +188,12 @@ def _run(job: Job, lock: LockBackend, watch: SignalWatch, reporter: Reporter) ->
             reporter.warning("release", f"{exc.path}: {exc.reason}")
         if counter is not None:
             counter.close()
+
+
+def _failed(status: int, error: TaskrunnerError, terminal_signal: int | None = None) -> Result:
+    result = Result(status, terminal_signal)
+    result.error = error
+    return result
 
 
 def _record_metrics(
