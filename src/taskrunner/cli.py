@@ -44,28 +44,31 @@ The lock file exists exactly while a run holds it. A lock whose holder died (kil
 reboot) is taken over by the next run with a warning. A file taskrunner did not write is a
 manual hold: runs are refused and counted until it is removed."""
 
-EPILOG = """\
-DURATION is seconds (90, 1.5) or a number with a unit: 30s, 5m, 2h, 1d.
-
-exit status:
-  the command's own  the command ran (128+N if signal N killed it)
-  2                  usage error
-  71                 the lock or counter cannot be used; the command did not run
-  74                 fleet mode: the lock was lost while the command ran; it was stopped
-  75                 busy: another run (or a manual hold) has the lock; not run
-  76                 busy, and past the threshold or --stuck-after: reported
-  124                the command reached --timeout and was stopped
-  126, 127           the program cannot be run, or was not found
-
+# The rest of the help, in parts that the man page (taskrunner.manpage) is made from too.
+DURATIONS = "DURATION is seconds (90, 1.5) or a number with a unit: 30s, 5m, 2h, 1d."
+EXIT_STATUS = (
+    ("the command's own", "the command ran (128+N if signal N killed it)"),
+    ("2", "usage error"),
+    ("71", "the lock or counter cannot be used; the command did not run"),
+    ("74", "fleet mode: the lock was lost while the command ran; it was stopped"),
+    ("75", "busy: another run (or a manual hold) has the lock; not run"),
+    ("76", "busy, and past the threshold or --stuck-after: reported"),
+    ("124", "the command reached --timeout and was stopped"),
+    ("126, 127", "the program cannot be run, or was not found"),
+)
+ENVIRONMENT = """\
 The command gets TASKRUNNER_LOCKFILE and TASKRUNNER_NAME in its environment; in fleet mode
 TASKRUNNER_NAME and TASKRUNNER_FENCING_TOKEN, which grows with every acquisition. Hooks get
 TASKRUNNER_EVENT (stuck or stale), TASKRUNNER_NAME, TASKRUNNER_LOCKFILE, TASKRUNNER_COUNT,
-TASKRUNNER_HOLDER_PID, TASKRUNNER_HOLDER_HOST and TASKRUNNER_HOLDER_SINCE.
-
+TASKRUNNER_HOLDER_PID, TASKRUNNER_HOLDER_HOST and TASKRUNNER_HOLDER_SINCE."""
+_SUBCOMMANDS = """\
 taskrunner status [--json] [-f COUNTERFILE] LOCKFILE...
   each lock's state (free, held, stale, manual), holder and age; exit 71 if one cannot be read
 taskrunner unlock [--force] LOCKFILE
   remove a stale lock (--force: also a manual hold); a live one is refused with 75"""
+# 17: the width of the widest status, the first.
+_EXITS = "exit status:" + "".join(f"\n  {code:<17}  {meaning}" for code, meaning in EXIT_STATUS)
+EPILOG = "\n\n".join((DURATIONS, _EXITS, ENVIRONMENT, _SUBCOMMANDS))
 
 
 class UsageError(Exception):
