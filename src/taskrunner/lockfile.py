@@ -80,6 +80,7 @@ class FileLock:
         self._poll = False  # the last refusal came from a holder that holds no flock now
         self._anonymous = hasattr(os, "O_TMPFILE")
         self._for_command = for_command
+        self._size = 0  # of our record as last written
 
     # -- acquiring ---------------------------------------------------------------------
 
@@ -233,7 +234,9 @@ class FileLock:
 
     def _write_record(self, dirfd: int, fd: int, holder: Holder) -> None:
         try:
-            write_all(fd, holder.encode())  # a new, empty file: nothing to truncate
+            data = holder.encode()
+            write_all(fd, data)  # a new, empty file: nothing to truncate
+            self._size = len(data)
             # After a power cut the path must not show an empty file: that would read as a
             # manual hold and stop the job until someone noticed.
             os.fdatasync(fd)
@@ -323,14 +326,15 @@ class FileLock:
         self._holder.command_start = process_start(pid)
         self._rewrite(self._fd, self._holder)
 
-    @staticmethod
-    def _rewrite(fd: int, holder: Holder) -> None:
+    def _rewrite(self, fd: int, holder: Holder) -> None:
         """Rewrite our record in place, as long as it was or longer (a new start time, the
         command's pid, the end), so that no reader sees it cut short."""
         data = holder.encode()
         try:
             os.pwrite(fd, data, 0)
-            os.ftruncate(fd, len(data))  # only if a start time came out a digit shorter
+            if len(data) < self._size:  # a start time that came out a digit shorter
+                os.ftruncate(fd, len(data))
+            self._size = len(data)
         except OSError:
             pass  # the flocks still hold the lock; the record is what a reader is told
 
