@@ -1,12 +1,22 @@
-"""Benchmark taskrunner: start-up cost, --wait hand-over latency, storms of runners.
+"""Benchmark taskrunner against the tools people would use instead, side by side.
 
-Run from the repository root (standard library only; --quick for a shorter run):
+Run from the repository root (--quick for a shorter run):
 
-    python bench/bench.py [--quick]
+    python bench/bench.py [--quick] [--chart PATH.svg]
 
-It installs taskrunner (non-editable, byte-compiled) into a virtual environment under
-bench/results/venv, prints a report and writes it as JSON to bench/results/latest.json.
-It exits 1 when a storm's correctness check fails; the speed targets are only reported.
+It installs taskrunner (non-editable, byte-compiled) and the peers it is measured against
+(the ``bench`` extra: filelock, fasteners) into a virtual environment under
+bench/results/venv, then measures, every ratio from one run on one machine:
+
+- the command: ``taskrunner -c true -l L`` against ``python -c pass`` and ``flock -n``;
+- the library: acquire-and-release pairs per second of ``taskrunner.Lock`` against
+  filelock's SoftFileLock and FileLock and fasteners' InterProcessLock, on the file system
+  of /tmp and on tmpfs (/dev/shm);
+- the ``--wait`` hand-over against flock(1)'s, and storms of 100 and 500 runners.
+
+It prints a report, writes it as JSON to bench/results/latest.json, and with --chart draws
+the library's numbers as an SVG bar chart. It exits 1 when a storm's correctness check
+fails; the speed targets are only reported.
 """
 
 from __future__ import annotations
@@ -30,7 +40,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 VENV = RESULTS / "venv"
 BUSY = 75
-STARTUP_TARGET = 1.15  # taskrunner -c true -l L vs. the empty console script
+STARTUP_TARGET = 1.15  # taskrunner -c true -l L vs. an empty console script of pip's
+SOFT_TARGET = 3.0  # taskrunner.Lock vs. filelock.SoftFileLock, pairs per second
+FILELOCK_TARGET = 1.0  # taskrunner.Lock vs. filelock.FileLock: faster still
+LOCK_ITERATIONS = 2000
 HANDOVER_TARGET_MS = 5.0
 STORM_SIZES = (100, 500)
 LAUNCHER_IMPORT = "from taskrunner.cli import entrypoint"
@@ -45,13 +58,15 @@ def sh(*argv: str) -> str:
 
 
 def setup_venv() -> tuple[Path, Path]:
-    """Install taskrunner into the venv; returns its launcher and the empty console script."""
+    """Install taskrunner and the peers into the venv; returns the taskrunner script and a
+    console-script launcher of the kind pip writes, each with a twin that does nothing."""
     cfg = VENV / "pyvenv.cfg"
     exe = os.path.realpath(sys.executable)
     if not (cfg.exists() and f"executable = {exe}\n" in cfg.read_text()):
         shutil.rmtree(VENV, ignore_errors=True)
         sh(sys.executable, "-m", "venv", str(VENV))
     python = VENV / "bin" / "python"
+    sh(str(python), "-m", "pip", "install", "--quiet", f"{ROOT}[bench]")
     sh(str(python), "-m", "pip", "install", "--quiet", "--force-reinstall", "--no-deps", str(ROOT))
     site = Path(
         sh(str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))").strip()
@@ -69,10 +84,24 @@ def setup_venv() -> tuple[Path, Path]:
     text = launcher.read_text()
     if LAUNCHER_IMPORT + "\n" not in text:
         sys.exit(f"bench: {launcher} has no line {LAUNCHER_IMPORT!r}")
-    empty = VENV / "bin" / "taskrunner-empty"
-    empty.write_text(text.replace(LAUNCHER_IMPORT + "\n", "def entrypoint(): return 0\n"))
-    empty.chmod(0o755)
-    return launcher, empty
+    # What pip writes for a console_scripts entry point (taskrunner was installed so), and
+    # each of the two scripts with an entry point that does nothing.
+    pip_style = VENV / "bin" / "taskrunner-console-script"
+    pip_style.write_text(
+        f"#!{python}\nimport re\nimport sys\n{LAUNCHER_IMPORT}\n"
+        "if __name__ == '__main__':\n"
+        "    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\n"
+        "    sys.exit(entrypoint())\n"
+    )
+    scripts = {"": launcher, "-console-script": pip_style}
+    for suffix, script in scripts.items():
+        empty = VENV / "bin" / f"taskrunner{suffix}-empty"
+        empty.write_text(
+            script.read_text().replace(LAUNCHER_IMPORT + "\n", "def entrypoint(): return 0\n")
+        )
+        empty.chmod(0o755)
+    pip_style.chmod(0o755)
+    return launcher, pip_style
 
 
 def spawn(argv: list[str], stderr: int | None = None) -> int:
@@ -103,13 +132,17 @@ def quantile(data: list[float], q: int) -> float:
     return statistics.quantiles(data, n=10, method="inclusive")[q // 10 - 1]
 
 
-def startup(taskrunner: Path, empty: Path, tmp: Path, rounds: int) -> dict[str, dict[str, float]]:
-    lock, lock2 = str(tmp / "L"), str(tmp / "L2")
+def startup(
+    taskrunner: Path, pip_style: Path, tmp: Path, rounds: int
+) -> dict[str, dict[str, float]]:
+    lock, lock2, lock3 = str(tmp / "L"), str(tmp / "L2"), str(tmp / "L3")
     flock = shutil.which("flock") or sys.exit("bench: flock(1) (util-linux) not found")
     cases = {
         "taskrunner -c true -l L": [str(taskrunner), "-c", "true", "-l", lock],
         "taskrunner -l L -- true": [str(taskrunner), "-l", lock, "--", "true"],
-        "empty console script": [str(empty)],
+        "the same, pip launcher": [str(pip_style), "-c", "true", "-l", lock3],
+        "empty console script": [str(VENV / "bin" / "taskrunner-console-script-empty")],
+        "script doing nothing": [str(VENV / "bin" / "taskrunner-empty")],
         "python -c pass": [str(VENV / "bin" / "python"), "-c", "pass"],
         "flock -n L2 true": [flock, "-n", lock2, "true"],
     }
@@ -123,8 +156,10 @@ def startup(taskrunner: Path, empty: Path, tmp: Path, rounds: int) -> dict[str, 
             if n >= 3:
                 walls[name].append(wall * 1e3)
                 cpus[name].append(cpu * 1e3)
-    base_wall = statistics.median(walls["empty console script"])
-    base_cpu = statistics.median(cpus["empty console script"])
+    base_wall = statistics.median(walls["python -c pass"])
+    base_cpu = statistics.median(cpus["python -c pass"])
+    flock_wall = statistics.median(walls["flock -n L2 true"])
+    empty_wall = statistics.median(walls["empty console script"])
     result = {}
     for name in cases:
         wall, cpu = statistics.median(walls[name]), statistics.median(cpus[name])
@@ -134,6 +169,8 @@ def startup(taskrunner: Path, empty: Path, tmp: Path, rounds: int) -> dict[str, 
             "cpu_median_ms": cpu,
             "wall_ratio": wall / base_wall,
             "cpu_ratio": cpu / base_cpu,
+            "vs_flock": wall / flock_wall,
+            "vs_empty": wall / empty_wall,
         }
     return result
 
@@ -250,20 +287,39 @@ def report(res: dict[str, Any]) -> bool:
     print(f"\nmachine: {m['uname']} | {m['cpu']} | nproc {m['nproc']} | {m['python']}")
     start: dict[str, dict[str, float]] = res["startup"]
     print(
-        f"\nstart-up, {args['rounds']} interleaved rounds (ms; x = median / empty console "
-        "script's median)"
+        f"\nthe command, {args['rounds']} interleaved rounds (ms; x = median / the median of "
+        "python -c pass, or of flock -n)"
     )
-    print(f"  {'case':<26}{'wall med':>9}{'wall p10':>9}{'cpu med':>9}{'wall x':>8}{'cpu x':>7}")
+    print(
+        f"  {'case':<26}{'wall med':>9}{'wall p10':>9}{'cpu med':>9}{'wall x':>8}{'cpu x':>7}"
+        f"{'x flock':>9}"
+    )
     for name, r in start.items():
         print(
             f"  {name:<26}{r['wall_median_ms']:>9.2f}{r['wall_p10_ms']:>9.2f}"
             f"{r['cpu_median_ms']:>9.2f}{r['wall_ratio']:>8.2f}{r['cpu_ratio']:>7.2f}"
+            f"{r['vs_flock']:>9.2f}"
         )
-    ratio = start["taskrunner -c true -l L"]["wall_ratio"]
+    ratio = start["taskrunner -c true -l L"]["vs_empty"]
     print(
-        f"  target: taskrunner -c true -l L at most {STARTUP_TARGET:.2f}x the empty console "
+        f"  target: taskrunner -c true -l L at most {STARTUP_TARGET:.2f}x an empty console "
         f"script: {ratio:.2f}x {'MET' if ratio <= STARTUP_TARGET else 'MISSED'}"
     )
+    print("\nthe library: acquire + release pairs per second, uncontended (x = taskrunner / peer)")
+    for where in res["library"]:
+        print(f"  {where['directory']} ({where['fstype']}), {args['lock_rounds']} rounds:")
+        ours = where["locks"]["taskrunner.Lock"]["pairs_per_s"]
+        for name, r in where["locks"].items():
+            x = "" if name == "taskrunner.Lock" else f"{ours / r['pairs_per_s']:>8.2f}x"
+            took = f"({1e6 / r['pairs_per_s']:.1f} us)"
+            print(f"    {name:<28}{r['pairs_per_s']:>10.0f}/s {took:>12}{x}")
+        soft = ours / where["locks"]["filelock.SoftFileLock"]["pairs_per_s"]
+        hard = ours / where["locks"]["filelock.FileLock"]["pairs_per_s"]
+        print(
+            f"    targets: >= {SOFT_TARGET:g}x SoftFileLock: {soft:.2f}x "
+            f"{'MET' if soft >= SOFT_TARGET else 'MISSED'}; faster than FileLock: {hard:.2f}x "
+            f"{'MET' if hard > FILELOCK_TARGET else 'MISSED'}"
+        )
     wait: dict[str, dict[str, float]] = res["handover"]
     print(f"\n--wait hand-over latency, {args['reps']} reps (ms, START - END)")
     print(f"  {'':<12}{'median':>8}{'p90':>8}")
@@ -291,19 +347,101 @@ def report(res: dict[str, Any]) -> bool:
     return ok
 
 
+def fstype(directory: Path) -> str:
+    """The type of the file system ``directory`` is on, as the mount table names it."""
+    if shutil.which("findmnt"):
+        # The first line: the mount that holds the directory, if others are stacked on it.
+        lines = sh("findmnt", "-n", "-o", "FSTYPE", "--target", str(directory)).split()
+        return lines[0] if lines else "?"
+    return sh("stat", "-f", "-c", "%T", str(directory)).strip()
+
+
+def library(tmp: Path, rounds: int) -> list[dict[str, Any]]:
+    """The library's rate against its peers', in a directory on /tmp's file system and in
+    one on tmpfs, each measured by bench/locks.py in the venv."""
+    places = [tmp / "locks"]
+    if Path("/dev/shm").is_dir():
+        places.append(Path(tempfile.mkdtemp(prefix="taskrunner-bench-", dir="/dev/shm")))
+    found = []
+    try:
+        for place in places:
+            place.mkdir(exist_ok=True)
+            out = sh(
+                str(VENV / "bin" / "python"),
+                str(ROOT / "bench" / "locks.py"),
+                str(place),
+                str(LOCK_ITERATIONS),
+                str(rounds),
+            )
+            found.append({"directory": str(place), "fstype": fstype(place), **json.loads(out)})
+    finally:
+        for place in places[1:]:
+            shutil.rmtree(place, ignore_errors=True)
+    return found
+
+
+def chart(res: dict[str, Any]) -> str:
+    """The library's numbers as a small horizontal bar chart (SVG), one group a directory."""
+    rows: list[tuple[str, str, float]] = []
+    for where in res["library"]:
+        for name, r in where["locks"].items():
+            rows.append((where["fstype"], name, r["pairs_per_s"]))
+    top = max(rate for _, _, rate in rows)
+    label_w, bar_w, row_h, head = 300, 340, 22, 34
+    groups = list(dict.fromkeys(fs for fs, _, _ in rows))
+    height = head + len(rows) * row_h + len(groups) * 24 + 28
+    width = label_w + bar_w + 90
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'font-family="sans-serif" font-size="13">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        '<text x="10" y="22" font-weight="bold">Acquire + release pairs per second, '
+        "uncontended (more is better)</text>",
+    ]
+    y = head
+    for group in groups:
+        y += 18
+        out.append(f'<text x="10" y="{y}" font-style="italic">lock directory on {group}</text>')
+        y += 6
+        for fs, name, rate in rows:
+            if fs != group:
+                continue
+            w = max(1.0, bar_w * rate / top)
+            colour = "#c0392b" if name == "taskrunner.Lock" else "#7f8c8d"
+            out.append(f'<text x="{label_w - 8}" y="{y + 15}" text-anchor="end">{name}</text>')
+            out.append(
+                f'<rect x="{label_w}" y="{y + 3}" width="{w:.1f}" height="{row_h - 6}" '
+                f'fill="{colour}"/>'
+            )
+            out.append(f'<text x="{label_w + w + 6:.1f}" y="{y + 15}">{rate:,.0f}</text>')
+            y += row_h
+    m = res["machine"]
+    out.append(
+        f'<text x="10" y="{height - 10}" font-size="11" fill="#555">{m["cpu"]}, '
+        f"{m['nproc']} CPUs, {m['uname']}, {m['python']}: python bench/bench.py</text>"
+    )
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and repetitions")
+    parser.add_argument("--chart", type=Path, help="also draw the library's numbers as SVG")
     opts = parser.parse_args()
     rounds, reps = (60, 8) if opts.quick else (300, 30)
+    lock_rounds = 5 if opts.quick else 15
     RESULTS.mkdir(parents=True, exist_ok=True)
     print("installing taskrunner into", VENV.relative_to(ROOT), flush=True)
-    taskrunner, empty = setup_venv()
+    taskrunner, pip_style = setup_venv()
     tmp = Path(tempfile.mkdtemp(prefix="taskrunner-bench-", dir="/tmp"))
     try:
         print(f"start-up: {rounds} rounds", flush=True)
-        res: dict[str, Any] = {"machine": machine(), "args": {"rounds": rounds, "reps": reps}}
-        res["startup"] = startup(taskrunner, empty, tmp, rounds)
+        args = {"rounds": rounds, "reps": reps, "lock_rounds": lock_rounds}
+        res: dict[str, Any] = {"machine": machine(), "args": args}
+        res["startup"] = startup(taskrunner, pip_style, tmp, rounds)
+        print(f"library: {lock_rounds} rounds of {LOCK_ITERATIONS} pairs", flush=True)
+        res["library"] = library(tmp, lock_rounds)
         print(f"hand-over: {reps} reps", flush=True)
         res["handover"] = handover(taskrunner, tmp, reps)
         print(f"storms: {', '.join(map(str, STORM_SIZES))} runners", flush=True)
@@ -313,6 +451,10 @@ def main() -> int:
     ok = report(res)
     (RESULTS / "latest.json").write_text(json.dumps(res, indent=2) + "\n")
     print(f"\nwritten: {(RESULTS / 'latest.json').relative_to(ROOT)}")
+    if opts.chart is not None:
+        opts.chart.parent.mkdir(parents=True, exist_ok=True)
+        opts.chart.write_text(chart(res))
+        print(f"written: {opts.chart}")
     return 0 if ok else 1
 
 
