@@ -17,7 +17,18 @@ import pytest
 
 import taskrunner
 
-from conftest import HANG, finish, hold, leave_stale, overlaps, probe, run, start, wait_for
+from conftest import (
+    HANG,
+    blocked_in_flock,
+    finish,
+    hold,
+    leave_stale,
+    overlaps,
+    probe,
+    run,
+    start,
+    wait_for,
+)
 
 
 def python(code: str, **kw: object) -> subprocess.Popen[str]:
@@ -390,6 +401,22 @@ def test_run_passes_a_termination_signal_on_to_the_command(lockdir: Path, tmp_pa
     status, out, err = finish(caller)
     assert (status, out, err) == (0, "143 True\n", "")
     assert not lock.exists()
+
+
+def test_run_interrupted_while_waiting_raises_interrupted(lockdir: Path, tmp_path):
+    lock, ran = lockdir / "job.lock", tmp_path / "ran"
+    with taskrunner.Lock(lock):
+        caller = python(f"""
+            import taskrunner
+            try:
+                taskrunner.run("touch {ran}", {str(lock)!r}, wait=60)
+            except taskrunner.Interrupted as stopped:
+                print("interrupted", stopped.signum)
+        """)
+        wait_for(lambda: blocked_in_flock(caller.pid), "the caller to wait for the lock")
+        caller.send_signal(signal.SIGTERM)
+        assert finish(caller) == (0, f"interrupted {signal.SIGTERM}\n", "")
+    assert not ran.exists()
 
 
 # -- the package --------------------------------------------------------------------------
