@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,6 +145,66 @@ def kill_group(pgid: int) -> None:
             kill(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+#: nobody's uid and gid: the other user that tests plant files as.
+NOBODY = 65534
+#: The start of a command line that runs the rest as nobody, without any groups.
+AS_NOBODY = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
+#: What another user can plant at ``{path}``, as shell commands for :func:`as_nobody`:
+#: ``{victim}`` is a file of root's, ``{ghost}`` a path where nothing is.
+PLANTS = {
+    "symlink to root's file": "ln -s {victim} {path}",
+    "dangling symlink": "ln -s {ghost} {path}",
+    "fifo": "mkfifo {path}",
+    "directory": "mkdir {path}",
+    "nobody's file": "echo 1 > {path}",
+    "hard link to root's file": "ln {victim} {path}",
+}
+#: The kernel's protections against such plants in sticky directories (fs.protected_*).
+PROTECTIONS = ("protected_symlinks", "protected_hardlinks", "protected_fifos", "protected_regular")
+
+
+def as_nobody(script: str) -> None:
+    """Run the shell ``script`` as nobody; it must succeed."""
+    subprocess.run([*AS_NOBODY, "sh", "-c", script], check=True, timeout=HANG)
+
+
+def plant(kind: str, path: Path, victim: Path, ghost: Path) -> None:
+    """As nobody, put a ``kind`` of thing (one of :data:`PLANTS`) at ``path``."""
+    as_nobody(PLANTS[kind].format(victim=victim, ghost=ghost, path=path))
+
+
+def nobodys_file(path: Path) -> None:
+    """An empty file at ``path`` that belongs to nobody: made by root and given away, so
+    that nobody need not reach its directory."""
+    path.write_text("")
+    os.chown(path, NOBODY, NOBODY)
+
+
+@pytest.fixture
+def shared() -> object:
+    """A world-writable sticky directory like /tmp, for nobody to plant files in, with the
+    fs.protected_* sysctls off for the test (restored after): the worst case, as on
+    machines that do not turn them on."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to plant files as another user")
+    saved = {}
+    try:
+        for name in PROTECTIONS:
+            path = Path("/proc/sys/fs") / name
+            try:
+                saved[path] = path.read_text()
+                path.write_text("0\n")
+            except OSError:
+                pytest.skip(f"cannot turn {name} off here")
+        d = Path(tempfile.mkdtemp(prefix="taskrunner-hostile-", dir="/tmp"))
+        d.chmod(0o1777)
+        yield d
+        shutil.rmtree(d)
+    finally:
+        for path, value in saved.items():
+            path.write_text(value)
 
 
 @pytest.fixture

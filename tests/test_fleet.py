@@ -9,25 +9,20 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 # First: it skips the module when there is no server (or no psycopg).
-from test_fleet_backend import URL, Proxy, admin, key, psycopg, row  # noqa: F401 (fixtures)
+from test_fleet_backend import (  # noqa: F401 (fixtures)
+    URL,
+    Proxy,
+    admin,
+    fleet,
+    holding,
+    key,
+    psycopg,
+    row,
+)
 
 from conftest import alive, children, finish, kill_group, overlaps, probe, run, start, wait_for
-
-
-def fleet(key: str, *options: str, url: str = URL) -> tuple[str, ...]:
-    return ("--lock-url", url, "--key", key, *options)
-
-
-def holding(key: str, go: Path, *options: str, url: str = URL) -> Any:
-    """A run that holds ``key`` until ``go`` exists; returned once the lock is taken."""
-    marker = go.with_suffix(".running")
-    proc = start(*fleet(key, *options, url=url), "-c",
-                 f"touch {marker}; while [ ! -e {go} ]; do sleep 0.01; done")  # fmt: skip
-    wait_for(marker.exists, "the holder's command to start")
-    return proc
 
 
 def command_of(runner: int) -> int:

@@ -26,7 +26,7 @@ import pytest
 from taskrunner.errors import Interrupted, LockBusy, LockUnusable
 from taskrunner.holder import Holder
 
-from conftest import HANG, wait_for
+from conftest import HANG, start, wait_for
 
 URL = os.environ.get("TASKRUNNER_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -154,6 +154,21 @@ def measured(call: Callable[[], object]) -> tuple[object, float]:
     began = time.monotonic()
     result = call()
     return result, time.monotonic() - began
+
+
+def fleet(key: str, *options: str, url: str = URL) -> tuple[str, ...]:
+    """taskrunner's options for fleet mode on ``key`` (for test_fleet and test_fleet_status)."""
+    return ("--lock-url", url, "--key", key, *options)
+
+
+def holding(key: str, go: Path, *options: str, url: str = URL) -> Any:
+    """A taskrunner run that holds ``key`` until ``go`` exists; returned once its command
+    runs, and so once the lock is taken."""
+    marker = go.with_suffix(".running")
+    proc = start(*fleet(key, *options, url=url), "-c",
+                 f"touch {marker}; while [ ! -e {go} ]; do sleep 0.01; done")  # fmt: skip
+    wait_for(marker.exists, "the holder's command to start")
+    return proc
 
 
 @pytest.fixture

@@ -16,25 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from taskrunner.pglock import key_hash
-from test_fleet_backend import URL, admin, key, psycopg, row  # noqa: F401 (fixtures)
+from test_fleet_backend import URL, admin, fleet, holding, key, psycopg, row  # noqa: F401 (fixtures)
 
 from conftest import finish, run, start, wait_for
 
 HOST = socket.gethostname()
 WHERE = "127.0.0.1:5432/test"
 UNREACHABLE = "postgresql://postgres:sekrit-pw@127.0.0.1:1/test"
-
-
-def fleet(key: str, *options: str) -> tuple[str, ...]:
-    return ("--lock-url", URL, "--key", key, *options)
-
-
-def holding(key: str, go: Path) -> Any:
-    """A run that holds ``key`` until ``go`` exists; returned once its command runs."""
-    marker = go.with_suffix(".running")
-    proc = start(*fleet(key), "-c", f"touch {marker}; while [ ! -e {go} ]; do sleep 0.01; done")
-    wait_for(marker.exists, "the holder's command to start")
-    return proc
 
 
 def status(*args: str, url: str = URL) -> subprocess.CompletedProcess[str]:

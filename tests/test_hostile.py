@@ -10,77 +10,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from conftest import finish, hold, run
-
-NOBODY = 65534
-PROTECTIONS = ("protected_symlinks", "protected_hardlinks", "protected_fifos", "protected_regular")
+from conftest import NOBODY, PLANTS, as_nobody, finish, hold, plant, run
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("setpriv") is None,
     reason="needs root and setpriv to plant files as another user",
 )
-
-
-@pytest.fixture
-def unprotected():
-    """The fs.protected_* sysctls off for the test, restored after."""
-    saved = {}
-    for name in PROTECTIONS:
-        path = Path("/proc/sys/fs") / name
-        try:
-            saved[path] = path.read_text()
-            path.write_text("0\n")
-        except OSError:
-            pytest.skip(f"cannot turn {name} off here")
-    yield
-    for path, value in saved.items():
-        path.write_text(value)
-
-
-@pytest.fixture
-def shared(unprotected) -> Path:
-    """A world-writable sticky directory like /tmp, that nobody can reach."""
-    d = Path(tempfile.mkdtemp(prefix="taskrunner-hostile-", dir="/tmp"))
-    d.chmod(0o1777)
-    yield d
-    shutil.rmtree(d)
-
-
-def as_nobody(script: str) -> None:
-    subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "sh", "-c", script],
-        check=True, timeout=60,
-    )  # fmt: skip
-
-
-def plant(kind: str, path: Path, victim: Path, ghost: Path) -> None:
-    """As nobody, put a ``kind`` of thing at ``path``."""
-    as_nobody(
-        {
-            "symlink to root's file": f"ln -s {victim} {path}",
-            "dangling symlink": f"ln -s {ghost} {path}",
-            "fifo": f"mkfifo {path}",
-            "directory": f"mkdir {path}",
-            "nobody's file": f"echo 1 > {path}",
-            "hard link to root's file": f"ln {victim} {path}",
-        }[kind]
-    )
-
-
-KINDS = [
-    "symlink to root's file",
-    "dangling symlink",
-    "fifo",
-    "directory",
-    "nobody's file",
-    "hard link to root's file",
-]
 
 
 def snapshot(path: Path) -> tuple[bytes, int, int, int]:
@@ -89,7 +28,7 @@ def snapshot(path: Path) -> tuple[bytes, int, int, int]:
 
 
 @pytest.mark.parametrize("where", ["lock", "counter"])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", list(PLANTS))
 def test_a_planted_file_is_refused_and_left_alone(
     shared: Path, tmp_path: Path, kind: str, where: str
 ):
@@ -176,7 +115,7 @@ def test_a_log_file_through_another_users_symlink_is_not_written(shared: Path, t
     result = run("-l", str(shared / "job.lock"), "--log-file", str(shared / "logs" / "job.log"),
                  "-c", "exit 3")  # fmt: skip
     assert result.returncode == 3
-    assert "symlink, logs, that belongs to uid 65534" in result.stderr
+    assert f"symlink, logs, that belongs to uid {NOBODY}" in result.stderr
     assert list(secret.iterdir()) == []
 
 

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from taskrunner.metrics import SERIES, escape, parse, render
 
-from conftest import HANG, blocked_in_flock, wait_for
+from conftest import AS_NOBODY, HANG, PLANTS, blocked_in_flock, plant, wait_for
 
 # argv: PATH NAME INVOCATION-JSON [TIMES [GO-FILE]]; exit 71 and one line if unusable.
 RECORD = """\
@@ -404,48 +404,6 @@ def test_parse_and_render_round_trip():
 
 
 # Files planted by another user in a shared directory, as in test_hostile.py.
-NOBODY = 65534
-PROTECTIONS = ("protected_symlinks", "protected_hardlinks", "protected_fifos", "protected_regular")
-PLANTS = {
-    "symlink to root's file": "ln -s {victim} {path}",
-    "dangling symlink": "ln -s {ghost} {path}",
-    "fifo": "mkfifo {path}",
-    "directory": "mkdir {path}",
-    "nobody's file": "echo 1 > {path}",
-    "hard link to root's file": "ln {victim} {path}",
-}
-
-
-@pytest.fixture
-def shared():
-    """A world-writable sticky directory like /tmp, with the fs.protected_* sysctls off."""
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv to plant files as another user")
-    saved = {}
-    try:
-        for name in PROTECTIONS:
-            path = Path("/proc/sys/fs") / name
-            try:
-                saved[path] = path.read_text()
-                path.write_text("0\n")
-            except OSError:
-                pytest.skip(f"cannot turn {name} off here")
-        d = Path(tempfile.mkdtemp(prefix="taskrunner-hostile-", dir="/tmp"))
-        d.chmod(0o1777)
-        yield d
-        shutil.rmtree(d)
-    finally:
-        for path, value in saved.items():
-            path.write_text(value)
-
-
-def as_nobody(script: str) -> None:
-    subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "sh", "-c", script],
-        check=True, timeout=HANG,
-    )  # fmt: skip
-
-
 @pytest.mark.parametrize("where", ["job.prom", "job.prom.tmp", "job.prom.lock"])
 @pytest.mark.parametrize("kind", list(PLANTS))
 def test_a_file_planted_by_another_user_is_refused(shared: Path, kind: str, where: str):
@@ -457,7 +415,7 @@ def test_a_file_planted_by_another_user_is_refused(shared: Path, kind: str, wher
     if where == "job.prom.lock":  # planted before the sidecar was made
         (shared / where).unlink()
     content = prom.read_bytes() if prom.exists() else None
-    as_nobody(PLANTS[kind].format(victim=victim, ghost=ghost, path=shared / where))
+    plant(kind, shared / where, victim, ghost)
     line = refused_record(prom, **REFUSAL)
     assert line.startswith(f"unusable: {prom}: ")
     assert (victim.read_bytes(), victim.stat().st_mode, victim.stat().st_mtime_ns) == before
@@ -540,10 +498,8 @@ def test_another_user_flocking_the_file_holds_no_update_up(public: Path, procs):
     prom = public / "job.prom"
     record(prom, **RUN)
     holder = subprocess.Popen(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-         "flock", "-x", str(prom), "sleep", "40"],
-        start_new_session=True, text=True,
-    )  # fmt: skip
+        [*AS_NOBODY, "flock", "-x", str(prom), "sleep", "40"], start_new_session=True, text=True
+    )
     procs.append(holder)
     wait_for(lambda: holder.poll() is None and flocked(prom), "nobody to flock the file")
     record(prom, **REFUSAL)

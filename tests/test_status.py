@@ -17,12 +17,14 @@ import pytest
 from taskrunner.holder import Holder, boot_id
 
 from conftest import (
+    NOBODY,
     TASKRUNNER,
     alive,
     children,
     finish,
     hold,
     leave_stale,
+    nobodys_file,
     probe,
     run,
     start,
@@ -387,11 +389,10 @@ def test_unusable_paths_are_reported_and_the_others_still_read(lockdir: Path, tm
 @ROOT
 def test_another_users_file_is_unusable(lockdir: Path, tmp_path: Path, procs):
     theirs, held = lockdir / "theirs.lock", lockdir / "held.lock"
-    theirs.write_text("")
-    os.chown(theirs, 65534, 65534)
+    nobodys_file(theirs)
     procs.append(settled(held, tmp_path / "go"))
     found = as_json(theirs, held, code=71)
-    assert found[0]["error"] == f"belongs to uid 65534, not to uid {os.geteuid()}"
+    assert found[0]["error"] == f"belongs to uid {NOBODY}, not to uid {os.geteuid()}"
     assert found[1]["state"] == "held"
     (tmp_path / "go").touch()
 

@@ -12,10 +12,12 @@ import pytest
 
 from conftest import (
     HANG,
+    NOBODY,
     TASKRUNNER,
     finish,
     hold,
     leave_stale,
+    nobodys_file,
     overlaps,
     probe,
     run,
@@ -173,11 +175,10 @@ def test_a_path_that_cannot_be_used(lockdir: Path, tmp_path: Path, kind: str):
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to plant another user's file")
 def test_another_users_file_is_not_removed(lockdir: Path):
     lock = lockdir / "job.lock"
-    lock.write_text("")
-    os.chown(lock, 65534, 65534)
+    nobodys_file(lock)
     result = unlock("--force", str(lock))
     assert result.returncode == 71
-    assert "belongs to uid 65534" in result.stderr
+    assert f"belongs to uid {NOBODY}" in result.stderr
     assert lock.exists()
 
 
