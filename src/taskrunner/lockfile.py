@@ -47,8 +47,7 @@ if TYPE_CHECKING:
     from taskrunner.backend import Tally
 
 _READ_LIMIT = 65537
-# Each retry means another run changed the path under us; real contention settles long before.
-_MAX_ATTEMPTS = 10000
+_MAX_ATTEMPTS = 10000  # looks at the path before giving up (see _keeps_changing)
 _ORPHAN_AGE = 60.0  # seconds after which an unflocked named record is surely abandoned
 _POLL = 0.01  # seconds between looks where there is nothing to block on
 _FRESH = 1.0  # seconds after which a waiter's record gets the time it took the lock
@@ -92,24 +91,40 @@ class FileLock:
         self._drop_busy()
         dirfd = self._open_dir()
         for _ in range(_MAX_ATTEMPTS):
-            try:
-                fd = os.open(self._name, os.O_RDONLY | OPEN_FLAGS, dir_fd=dirfd)
-            except FileNotFoundError:
+            fd = self._open_existing(dirfd)
+            if fd is None:
                 if self._publish(dirfd, holder):
                     return
                 continue
-            except OSError as exc:
-                raise LockUnusable(self.path, reason(exc)) from None
             try:
-                self._inspect(dirfd, fd)
+                removed = self._take_over(dirfd, fd)
             finally:
                 if fd != self._busy_fd:
                     close(fd)
-        raise LockUnusable(self.path, "the lock file keeps changing")
+            if removed is not None:
+                self.recovered = removed.holder
+        raise self._keeps_changing()
 
-    def _inspect(self, dirfd: int, fd: int) -> None:
-        """Judge the file another run or an operator left at the path. Returns when the
-        path has changed or was cleared (try again); raises when the lock is not ours."""
+    def _open_existing(self, dirfd: int) -> int | None:
+        """The file at the path, opened to look at (None when there is none); raises
+        ``LockUnusable`` for a path that cannot be opened."""
+        try:
+            return os.open(self._name, os.O_RDONLY | OPEN_FLAGS, dir_fd=dirfd)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise LockUnusable(self.path, reason(exc)) from None
+
+    def _keeps_changing(self) -> LockUnusable:
+        # Each retry means another run changed the path under us; real contention settles
+        # long before.
+        return LockUnusable(self.path, "the lock file keeps changing")
+
+    def _take_over(self, dirfd: int, fd: int, force: bool = False) -> LockState | None:
+        """Remove the file ``fd`` that another run or an operator left at the path if its
+        holder is gone (with ``force``, a manual hold too): what was removed, or None if
+        the path has changed (look again). Raises ``LockBusy`` when the lock is not ours
+        to take, keeping a live holder's file in ``_busy_fd`` to wait on."""
         try:
             st = os.fstat(fd)
             why = check_ours(st)
@@ -123,25 +138,26 @@ class FileLock:
                 raise LockBusy(self.path, holder, st.st_mtime) from None
             # Nobody holds this file. Is it still the one at the path?
             if not still_named(dirfd, self._name, st):
-                return
+                return None
             dead = Holder.decode(os.pread(fd, _READ_LIMIT, 0))
             if dead is None:
                 self._one_link(fd)
-                raise LockBusy(self.path, None, st.st_mtime)
-            if dead.is_alive():
+                if not force:
+                    raise LockBusy(self.path, None, st.st_mtime)
+            elif dead.is_alive():
                 # Its runner is between two flocks as it lets go, or was killed while its
                 # command, which closed the descriptor it inherited, still runs: not stale.
                 self._poll = True
                 raise LockBusy(self.path, dead, st.st_mtime)
-            # Stale: its holder is gone. Removing it while we hold its flock is safe, since
-            # any other run that opened it will find it unnamed once it wins the flock.
+            # Its holder is gone. Removing it while we hold its flock is safe, since any
+            # other run that opened it will find it unnamed once it wins the flock.
             try:
                 os.unlink(self._name, dir_fd=dirfd)
             except FileNotFoundError:
-                return
-            self.recovered = dead
+                return None
         except OSError as exc:
             raise LockUnusable(self.path, reason(exc)) from None
+        return LockState(MANUAL, None, st.st_mtime) if dead is None else LockState(STALE, dead)
 
     def _publish(self, dirfd: int, holder: Holder) -> bool:
         """Link our record at the path: True if that made us the holder."""
@@ -438,12 +454,9 @@ class FileLock:
         ``LockUnusable`` for a path a run could not use."""
         dirfd = self._open_dir()
         for _ in range(_MAX_ATTEMPTS):
-            try:
-                fd = os.open(self._name, os.O_RDONLY | OPEN_FLAGS, dir_fd=dirfd)
-            except FileNotFoundError:
+            fd = self._open_existing(dirfd)
+            if fd is None:
                 return LockState(FREE)
-            except OSError as exc:
-                raise LockUnusable(self.path, reason(exc)) from None
             try:
                 state = self._judge(fd)
                 # The answer is about the file opened: is it still the one at the path?
@@ -453,7 +466,7 @@ class FileLock:
                 raise LockUnusable(self.path, reason(exc)) from None
             finally:
                 close(fd)
-        raise LockUnusable(self.path, "the lock file keeps changing")
+        raise self._keeps_changing()
 
     def _judge(self, fd: int) -> LockState:
         st = os.fstat(fd)
@@ -483,48 +496,17 @@ class FileLock:
         a manual hold, and ``LockUnusable`` for a path a run could not use."""
         dirfd = self._open_dir()
         for _ in range(_MAX_ATTEMPTS):
-            try:
-                fd = os.open(self._name, os.O_RDONLY | OPEN_FLAGS, dir_fd=dirfd)
-            except FileNotFoundError:
+            fd = self._open_existing(dirfd)
+            if fd is None:
                 return None
-            except OSError as exc:
-                raise LockUnusable(self.path, reason(exc)) from None
             try:
-                removed = self._remove_dead(dirfd, fd, force)
-            except OSError as exc:
-                raise LockUnusable(self.path, reason(exc)) from None
+                removed = self._take_over(dirfd, fd, force)
             finally:
-                close(fd)
+                if fd != self._busy_fd:
+                    close(fd)
             if removed is not None:
                 return removed
-        raise LockUnusable(self.path, "the lock file keeps changing")
-
-    def _remove_dead(self, dirfd: int, fd: int, force: bool) -> LockState | None:
-        """Remove the file ``fd`` if nobody holds it; None if the path changed (look again)."""
-        st = os.fstat(fd)
-        why = check_ours(st)
-        if why:
-            raise LockUnusable(self.path, why)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LockBusy(self.path, self._record(fd, st), st.st_mtime) from None
-        if not still_named(dirfd, self._name, st):
-            return None
-        dead = Holder.decode(os.pread(fd, _READ_LIMIT, 0))
-        if dead is None:
-            self._one_link(fd)
-            if not force:
-                raise LockBusy(self.path, None, st.st_mtime)
-        elif dead.is_alive():
-            raise LockBusy(self.path, dead, st.st_mtime)  # its runner is between two flocks
-        # Removed while we hold its flock, as a run removes a stale lock: a run that opened
-        # it too finds it unnamed once it wins the flock, and looks again.
-        try:
-            os.unlink(self._name, dir_fd=dirfd)
-        except FileNotFoundError:
-            return None
-        return LockState(MANUAL, None, st.st_mtime) if dead is None else LockState(STALE, dead)
+        raise self._keeps_changing()
 
 
 FREE, HELD, STALE, MANUAL = "free", "held", "stale", "manual"
