@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -87,6 +86,22 @@ def start_raw(argv: list[str]) -> subprocess.Popen[str]:
                             start_new_session=True)  # fmt: skip
 
 
+def left_in_session(sid: int) -> bool:
+    """Whether a live process is in session ``sid``. A traced run is started as a session of
+    its own (strace leads it): once strace and the run are gone, what is left there is the
+    command the run spawned, in a process group of its own but still in that session."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if fields[0] not in ("Z", "X") and int(fields[3]) == sid:
+            return True
+    return False
+
+
 def calls_to_sweep(tmp_path: Path, name: str, syscalls: list[str]) -> list[tuple[str, int]]:
     """(syscall, N) for each call taskrunner makes on its paths in scenario ``name``."""
     scene = Scene(tmp_path / "reference", name)
@@ -138,10 +153,12 @@ def check_point(tmp_path: Path, name: str, call: str, n: int, fault: str) -> lis
         problems.append(f"count {count!r} after the run, not one of {sorted(allowed)}")
     # The next run: refused while the first command or the holder still runs, else it runs.
     # A command spawned just before the kill logs its start a moment later, and holds the
-    # lock meanwhile: give it that moment where a lock is there to hold.
-    end = time.monotonic() + 0.5
-    while scene.lock.exists() and "start first" not in scene.log_text() and time.monotonic() < end:
-        time.sleep(0.01)
+    # lock meanwhile: where the run left one (it outlives the run, in the run's session),
+    # wait for its start line. Where it left none, no command was spawned: no wait.
+    wait_for(
+        lambda: "start first" in scene.log_text() or not left_in_session(proc.pid),
+        "the command the run left to log its start",
+    )
     busy = "start first" in scene.log_text() or scene.holder is not None
     second = run(*scene.args("second"))
     if second.returncode != (75 if busy else 0) and not (busy and second.returncode == 76):
