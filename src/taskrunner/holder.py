@@ -15,7 +15,8 @@ Format (version 1), UTF-8 text, one ``key value`` pair a line after a fixed firs
     command_start 1234570
 
 ``pid`` is the runner's; ``command_pid`` the command's, added once it has started; ``ended``
-(a time) once the runner has ended and left the lock to what the command started.
+(a time) once the run is over but the file is still there: left to what the command started,
+or not removable.
 ``proc_start`` and ``command_start`` are their start times in clock ticks after boot (field 22
 of ``/proc/PID/stat``); with ``boot_id`` and the pid namespace (``pidns``) they tell a live
 process from a reused pid. ``lockfile`` is the path the command got in its environment.
@@ -335,7 +336,9 @@ class Holder:
         # The same boot of the same kernel, whatever the host is called now.
         same_pids = self.pidns is None or self.pidns == pid_namespace()
         if same_pids:
-            if running(self.pid, self.proc_start):
+            # A record that says its run ended is not kept alive by its runner, which may
+            # live on (a program using the library) long after letting the lock go.
+            if self.ended is None and running(self.pid, self.proc_start):
                 return True
             if self.command_pid is not None and self.command_start is not None:
                 return running(self.command_pid, self.command_start)

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Lock"]
 
+_GRACE = 1.0  # seconds release() gives others' instantaneous looks at the lock to end
+
 
 class Lock:
     """The lock file at ``path``; ``wait`` is how many seconds :meth:`acquire` waits for a
@@ -49,6 +51,8 @@ class Lock:
         self.path = os.fspath(path)
         if not isinstance(self.path, str):
             raise TypeError(f"the lock's path must be text, not {type(self.path).__name__}")
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)):
+            raise TypeError(f"wait must be a number of seconds, not {wait!r}")
         if not wait >= 0 or wait == float("inf"):  # also refuses NaN
             raise ValueError(f"wait must be a finite number of seconds, 0 or more: {wait!r}")
         self.wait = float(wait)
@@ -108,7 +112,12 @@ class Lock:
         if self._owner != os.getpid():
             lock.abandon()
             return
-        lock.close()
+        try:
+            # A run trying the lock at this moment may hold its flock for an instant (see
+            # FileLock._try_exclusive): give it that instant.
+            lock.release(_GRACE)
+        finally:
+            lock.close()
 
     def __enter__(self) -> Lock:
         return self.acquire()
@@ -120,6 +129,11 @@ class Lock:
         traceback: TracebackType | None,
     ) -> None:
         self.release()
+
+    def __reduce__(self) -> tuple[type[Lock], tuple[str], dict[str, float]]:
+        # A copy, or one sent to another process, is the same lock, not held: a hold is
+        # this object's open files, which mean nothing anywhere else.
+        return type(self), (self.path,), {"wait": self.wait}
 
     def __repr__(self) -> str:
         state = "locked" if self.locked else "unlocked"

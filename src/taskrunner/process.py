@@ -18,7 +18,7 @@ import os
 import time
 
 from taskrunner.errors import CannotRun, Interrupted
-from taskrunner.fsutil import close
+from taskrunner.fsutil import FORKING_COMMAND, close
 from taskrunner.holder import process_start, running
 from taskrunner.signals import signal
 
@@ -141,6 +141,7 @@ class Child:
         self._ignored = ignored
         self._waited = {signal.SIGCHLD, *(s for s in FORWARDED if s not in ignored)}
         self.pid = 0
+        self._reaped = False
         self.own_group = True
         self._saved_mask: set[int] | None = None
         self._saved_chld: object = None
@@ -170,14 +171,14 @@ class Child:
                 search = os.fsdecode(self._env.get(b"PATH", os.defpath.encode()))
                 script = _find(self.argv[0], search)
                 self.pid = self._spawn("/bin/sh", ["sh", script, *self.argv[1:]])
-        except Interrupted:
-            self._restore_mask()
-            raise
         except OSError as exc:
             self._restore_mask()
             not_found = exc.errno in (errno.ENOENT, errno.ENOTDIR)
             why = "command not found" if not_found else os.strerror(exc.errno or 0).lower()
             raise CannotRun(self.argv[0], why, 127 if not_found else 126) from None
+        except BaseException:  # Interrupted, or a library caller's argument spawn refuses
+            self._restore_mask()
+            raise
         finally:
             for fd in self._pass_fds:
                 os.set_inheritable(fd, False)
@@ -210,7 +211,14 @@ class Child:
         leave us unable to stop while the new process waits to exec: a Ctrl-Z at that
         moment would stop the command but not us, and the shell would wait forever."""
         report, errors = os.pipe()  # close-on-exec: an exec that works closes it
-        pid = os.fork()
+        FORKING_COMMAND[0] = True  # the child keeps its copy of the lock (see lockfile)
+        try:
+            pid = os.fork()
+        except BaseException:
+            FORKING_COMMAND[0] = False
+            raise
+        if pid != 0:
+            FORKING_COMMAND[0] = False
         if pid == 0:  # pragma: no cover (the child)
             try:
                 os.close(report)
@@ -354,8 +362,21 @@ class Child:
         try:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
-            return 255 << 8
+            pid, status = self.pid, 255 << 8
+        self._reaped = bool(pid)
         return status if pid else None
+
+    def stop(self) -> None:
+        """KILL the command and what it started, and reap it: for when it can no longer be
+        watched. Nothing is sent once it has been reaped (its pid may be another's now)."""
+        if self.pid == 0 or self._reaped:
+            return
+        self.send(signal.SIGKILL)
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+        self._reaped = True
 
     def unblock(self) -> None:
         """Undo :meth:`block` when the command is not going to be started after all."""
