@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -199,9 +201,9 @@ def test_unusable_path_raises_lockunusable(lockdir: Path, tmp_path, plant):
         assert not (tmp_path / "target").exists()  # never created through the link
 
 
-@pytest.mark.parametrize("wait", [-1, float("nan"), float("inf")])
+@pytest.mark.parametrize("wait", [-1, float("nan"), float("inf"), True, "5"])
 def test_bad_wait_is_refused(lockdir: Path, wait):
-    with pytest.raises(ValueError, match="wait"):
+    with pytest.raises((ValueError, TypeError), match="wait"):
         taskrunner.Lock(lockdir / "job.lock", wait=wait)
 
 
@@ -343,6 +345,13 @@ def test_run_raises_lockunusable_and_does_not_run(lockdir: Path, tmp_path):
         ({"lockfile": "a.lock", "notify_url": "ftp://x"}, "notify_url"),
         ({"lockfile": "a.lock", "threshold": 1, "counter_file": "a.lock"}, "counter_file"),
         ({"lockfile": ""}, "lockfile"),
+        ({"lockfile": "a.lock", "counter_file": "count"}, "go together"),
+        ({"lockfile": "a\0.lock"}, "NUL"),
+        ({"lockfile": "a.lock", "name": "a\0b"}, "NUL"),
+        ({"lockfile": "a.lock", "name": "\ud800"}, "no bytes"),
+        ({"lockfile": 5}, "lockfile"),
+        ({"lock_url": 5, "key": "k"}, "lock_url"),
+        ({"lockfile": "a.lock", "quiet_success": "yes"}, "quiet_success"),
     ],
 )
 def test_run_refuses_bad_arguments_with_invalidjob(tmp_path, monkeypatch, kwargs, message):
@@ -353,7 +362,7 @@ def test_run_refuses_bad_arguments_with_invalidjob(tmp_path, monkeypatch, kwargs
     assert not (tmp_path / "ran").exists()
 
 
-@pytest.mark.parametrize("command", ["", [], [""], b"true", [1]])
+@pytest.mark.parametrize("command", ["", [], [""], b"true", [1], 5, "a\0b", ["echo", "\ud800"]])
 def test_run_refuses_a_bad_command(lockdir: Path, command):
     with pytest.raises(taskrunner.InvalidJob, match="command"):
         taskrunner.run(command, lockdir / "job.lock")
@@ -403,11 +412,17 @@ def test_run_passes_a_termination_signal_on_to_the_command(lockdir: Path, tmp_pa
     assert not lock.exists()
 
 
-def test_run_interrupted_while_waiting_raises_interrupted(lockdir: Path, tmp_path):
+@pytest.mark.parametrize("handler", ["default", "own"])
+def test_a_signal_while_run_waits_stops_it_and_reaches_the_caller(lockdir: Path, tmp_path, handler):
+    """TERM before the command starts: it never runs, and the caller gets the signal back
+    once its handlers are: with Python's default it dies of it; a handler of its own runs,
+    and run() then raises Interrupted."""
     lock, ran = lockdir / "job.lock", tmp_path / "ran"
+    own = "signal.signal(signal.SIGTERM, lambda *a: print('handler'))" if handler == "own" else ""
     with taskrunner.Lock(lock):
         caller = python(f"""
-            import taskrunner
+            import signal, taskrunner
+            {own}
             try:
                 taskrunner.run("touch {ran}", {str(lock)!r}, wait=60)
             except taskrunner.Interrupted as stopped:
@@ -415,7 +430,11 @@ def test_run_interrupted_while_waiting_raises_interrupted(lockdir: Path, tmp_pat
         """)
         wait_for(lambda: blocked_in_flock(caller.pid), "the caller to wait for the lock")
         caller.send_signal(signal.SIGTERM)
-        assert finish(caller) == (0, f"interrupted {signal.SIGTERM}\n", "")
+        status, out, err = finish(caller)
+    if handler == "default":
+        assert (status, out, err) == (-signal.SIGTERM, "", "")
+    else:
+        assert (status, out, err) == (0, f"handler\ninterrupted {signal.SIGTERM}\n", "")
     assert not ran.exists()
 
 
@@ -442,3 +461,160 @@ def test_public_names_are_documented_and_typed():
     assert (Path(taskrunner.__file__).parent / "py.typed").exists()
     with pytest.raises(AttributeError):
         taskrunner.no_such_name  # noqa: B018
+
+
+# -- what a library caller's process is left with -----------------------------------------
+
+
+def test_a_lock_left_to_the_commands_processes_is_free_once_they_end(lockdir: Path, tmp_path):
+    """The record says the run ended; once nothing holds its flock, the next run takes the
+    file over, although the process that wrote it lives on (this one)."""
+    lock = lockdir / "job.lock"
+    result = taskrunner.run("sleep 2 & exit 0", lock)  # the sleep keeps the lock
+    assert (result.status, result.held) == (0, True)
+    assert "\nended " in lock.read_text()
+    again = taskrunner.run("true", lock, wait=HANG)
+    assert (again.status, again.ran) == (0, True)
+    assert not lock.exists()
+
+
+def test_an_exception_from_the_callers_handler_stops_the_command(lockdir: Path, tmp_path):
+    lock, started = lockdir / "job.lock", tmp_path / "started"
+    caller = python(f"""
+        import os, signal, taskrunner
+        def time_up(*args):
+            raise TimeoutError
+        signal.signal(signal.SIGALRM, time_up)
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        try:
+            taskrunner.run("touch {started}; exec sleep 30", {str(lock)!r})
+        except TimeoutError:
+            print("timed out", os.path.exists({str(lock)!r}))
+        print("again", taskrunner.run("true", {str(lock)!r}).status)
+    """)
+    status, out, err = finish(caller)
+    assert (status, out, err) == (0, "timed out False\nagain 0\n", "")
+    assert started.exists()
+
+
+def test_a_process_forked_by_another_thread_does_not_keep_the_lock(lockdir: Path):
+    lock = lockdir / "job.lock"
+    children: list[int] = []
+
+    def fork_a_worker() -> None:
+        time.sleep(0.2)  # while run() below waits for its command
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child)
+            time.sleep(3)
+            os._exit(0)
+        children.append(pid)
+
+    worker = threading.Thread(target=fork_a_worker)
+    worker.start()
+    try:
+        result = taskrunner.run(["sleep", "0.5"], lock)
+        assert (result.status, result.held) == (0, False)
+        assert not lock.exists()
+    finally:
+        worker.join()
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+def test_a_holders_forked_child_does_not_hold_the_lock_once_the_holder_dies(lockdir: Path):
+    lock, pids = lockdir / "job.lock", lockdir.parent / "pids"
+    holder = python(f"""
+        import os, time, taskrunner
+        with taskrunner.Lock({str(lock)!r}):
+            child = os.fork()
+            if child == 0:
+                time.sleep(30)
+                os._exit(0)
+            open({str(pids)!r}, "w").write(str(child))
+            time.sleep(30)
+    """)
+    wait_for(pids.exists, "the holder's child")
+    wait_for(pids.read_text, "the child's pid")
+    child = int(pids.read_text())
+    try:
+        holder.kill()
+        holder.wait()
+        with taskrunner.Lock(lock) as taken:  # stale: the child closed its copies at fork
+            assert taken.recovered is not None and taken.recovered.pid == holder.pid
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def test_run_leaves_the_signal_mask_as_it_found_it_when_spawning_fails(lockdir: Path, monkeypatch):
+    def refuse(*args: object, **kwargs: object) -> int:
+        raise ValueError("refused")
+
+    monkeypatch.setattr(os, "posix_spawn", refuse)
+    monkeypatch.setattr(os, "posix_spawnp", refuse)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with pytest.raises(ValueError, match="refused"):
+        taskrunner.run(["true"], lockdir / "job.lock")
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+    assert not (lockdir / "job.lock").exists()
+
+
+def test_run_keeps_the_callers_interval_timer(lockdir: Path, tmp_path, procs):
+    lock, go = lockdir / "job.lock", tmp_path / "go"
+    procs.append(holding(lock, go))
+    fired: list[int] = []
+    old = signal.signal(signal.SIGALRM, lambda signum, frame: fired.append(signum))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 30)
+        result = taskrunner.run("true", lock, wait=0.3)  # waits with a timer of its own
+        assert result.refused
+        left, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 0 < left < 30
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        wait_for(lambda: fired, "the caller's SIGALRM")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        go.touch()
+
+
+def test_quiet_success_holds_no_descriptors_after_a_program_that_cannot_run(lockdir: Path):
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(taskrunner.CannotRun):
+        taskrunner.run(["no-such-program-here"], lockdir / "job.lock", quiet_success=True)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_exceptions_and_locks_cross_process_boundaries(lockdir: Path):
+    holder = taskrunner.Holder(4242, "web1", 1.5, "backup.sh")
+    for error in (
+        taskrunner.LockBusy("/x.lock", holder, 1.5),
+        taskrunner.LockBusy("/x.lock", None, 2.5),
+        taskrunner.LockUnusable("/x.lock", "is a directory"),
+        taskrunner.CannotRun("prog", "command not found", 127),
+        taskrunner.Interrupted(15),
+        taskrunner.InvalidJob("bad"),
+    ):
+        back = pickle.loads(pickle.dumps(error))
+        assert (type(back), str(back)) == (type(error), str(error))
+    assert pickle.loads(pickle.dumps(taskrunner.LockBusy("/x", holder, 1.5))).holder.pid == 4242
+    with taskrunner.Lock(lockdir / "job.lock", wait=2) as held:
+        for twin in (pickle.loads(pickle.dumps(held)), copy.copy(held)):
+            assert (twin.path, twin.wait, twin.locked) == (held.path, 2.0, False)
+            with pytest.raises(taskrunner.LockBusy):
+                twin.acquire()
+        assert held.locked
+
+
+def test_library_names_are_checked_by_mypy(tmp_path: Path):
+    mypy = pytest.importorskip("mypy.api")
+    use = tmp_path / "use.py"
+    use.write_text(
+        "import taskrunner\n"
+        "lock: taskrunner.Lock = taskrunner.Lock('/tmp/x.lock', wait=1.5)\n"
+        "result: taskrunner.Result = taskrunner.run(['true'], '/tmp/x.lock')\n"
+        "taskrunner.LockBusyy\n"
+    )
+    out, _, status = mypy.run(["--strict", "--no-incremental", str(use)])
+    assert status == 1
+    assert out.count("error:") == 1 and 'no attribute "LockBusyy"' in out

@@ -58,15 +58,17 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> object:
-    if name not in __all__:
-        raise AttributeError(f"module 'taskrunner' has no attribute {name!r}")
-    import importlib
+if not TYPE_CHECKING:  # type checkers see the imports above, and a misspelt name is an error
 
-    value = getattr(importlib.import_module(_HOMES.get(name, "taskrunner.errors")), name)
-    globals()[name] = value
-    return value
+    def __getattr__(name: str) -> object:
+        if name not in __all__:
+            raise AttributeError(f"module 'taskrunner' has no attribute {name!r}")
+        import importlib
+
+        value = getattr(importlib.import_module(_HOMES.get(name, "taskrunner.errors")), name)
+        globals()[name] = value
+        return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted({*__all__, *(name for name in globals() if name.startswith("__"))})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import threading
 
 from taskrunner.errors import InvalidJob
@@ -32,7 +33,7 @@ def run(
     command: str | Sequence[str],
     lockfile: StrPath | None = None,
     *,
-    threshold: int = 0,
+    threshold: int | None = None,
     counter_file: StrPath | None = None,
     cumulative: bool = False,
     lock_url: str | None = None,
@@ -51,7 +52,7 @@ def run(
 ) -> Result:
     """Run ``command`` unless another run holds its lock, as ``taskrunner`` would.
 
-    ``command`` is a string, run by ``/bin/sh -c`` (``-c CMD``), or a sequence: a program
+    ``command`` is a string, run by ``/bin/sh -c`` (``-c CMD``), or a list: a program
     and its arguments, run directly (``-- PROGRAM ARG...``). The lock is ``lockfile``, or
     in fleet mode ``key`` in the PostgreSQL database at ``lock_url``. The keyword
     arguments are the command line's options of the same names; durations are seconds.
@@ -89,7 +90,11 @@ def run(
         from taskrunner.pglock import PgLock
 
         lock = PgLock(job.lock_url or "", job.key or "", cumulative=job.cumulative)
-    result = run_job(job, lock, LogReporter(job.name))
+    result = run_job(job, lock, LogReporter(job.name), redeliver=True)
+    if result.terminal_signal is not None:
+        # The terminal's Ctrl-C or Ctrl-\ ended the command: as a shell running it would,
+        # the caller gets it too (KeyboardInterrupt, for Ctrl-C and Python's own handler).
+        signal.raise_signal(result.terminal_signal)
     if result.error is not None:
         raise result.error
     return result
@@ -99,7 +104,7 @@ def _job(
     command: str | Sequence[str],
     lockfile: StrPath | None,
     *,
-    threshold: int,
+    threshold: int | None,
     counter_file: StrPath | None,
     cumulative: bool,
     lock_url: str | None,
@@ -120,20 +125,30 @@ def _job(
     would exit 2, with the arguments named as the caller wrote them."""
     if isinstance(command, str):
         argv, shell = [command], True
-    elif isinstance(command, (bytes, bytearray)) or not all(isinstance(a, str) for a in command):
-        raise InvalidJob("command: a string for /bin/sh, or a sequence of strings")
-    else:
+    elif isinstance(command, (list, tuple)) and all(isinstance(a, str) for a in command):
         argv, shell = list(command), False
+    else:
+        raise InvalidJob("command: a string for /bin/sh, or a list of strings")
     if not argv or not argv[0]:
         raise InvalidJob("command is empty")
+    for arg in argv:
+        _check_text("command", arg, empty=True)
     lock_path = _path("lockfile", lockfile)
     counter = _path("counter_file", counter_file)
     metrics = _path("metrics_file", metrics_file)
+    for what, text in (("lock_url", lock_url), ("key", key), ("name", name),
+                       ("on_stuck", on_stuck), ("on_recover", on_recover),
+                       ("notify_url", notify_url)):  # fmt: skip
+        if text is not None:
+            _check_text(what, text)
+    for what, flag in (("cumulative", cumulative), ("quiet_success", quiet_success)):
+        if not isinstance(flag, bool):
+            raise InvalidJob(f"{what} must be True or False, not {flag!r}")
     fleet = lock_url is not None or key is not None
     if fleet:
         if lock_path is not None:
             raise InvalidJob("give lockfile, or lock_url and key, not both")
-        if not lock_url or not key:
+        if lock_url is None or key is None:
             raise InvalidJob("lock_url and key go together")
         if not lock_url.lower().startswith(("postgresql://", "postgres://")):
             raise InvalidJob(f"lock_url: not a postgresql:// URL: {lock_url!r}")
@@ -142,11 +157,13 @@ def _job(
                              "the database")  # fmt: skip
     elif lock_path is None:
         raise InvalidJob("no lock: give lockfile, or lock_url and key")
-    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+    if threshold is not None and (
+        isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0
+    ):
         raise InvalidJob(f"threshold: not a whole number of 0 or more: {threshold!r}")
-    if threshold > 0 and counter is None and not fleet:
-        raise InvalidJob("threshold needs counter_file, which keeps the count")
-    if cumulative and threshold == 0:
+    if not fleet and (threshold is None) != (counter is None):
+        raise InvalidJob("threshold and counter_file go together")
+    if cumulative and threshold is None:
         raise InvalidJob("cumulative counts refusals: it needs a threshold")
     seconds = {
         "wait": wait, "timeout": timeout, "kill_after": kill_after,
@@ -159,10 +176,6 @@ def _job(
             raise InvalidJob(f"{what}: seconds from 0 to 10 years, not {value!r}")
     if hook_timeout == 0:
         raise InvalidJob("hook_timeout must be more than 0: hooks are always cut off")
-    for what, text in (("name", name), ("key", key), ("on_stuck", on_stuck),
-                       ("on_recover", on_recover)):  # fmt: skip
-        if text is not None and (not isinstance(text, str) or not text):
-            raise InvalidJob(f"{what} must be a non-empty string")
     if notify_url is not None:
         from taskrunner.cli import url  # the command line's check of --notify-url
 
@@ -186,7 +199,7 @@ def _job(
         argv,
         shell=shell,
         name=name or key or os.path.basename(lock_path or "") or lock_path or "",
-        threshold=threshold,
+        threshold=threshold or 0,
         counter_file=counter,
         cumulative=cumulative,
         wait=float(wait),
@@ -207,7 +220,26 @@ def _job(
 def _path(what: str, value: StrPath | None) -> str | None:
     if value is None:
         return None
-    path = os.fspath(value)
-    if not isinstance(path, str) or not path:
-        raise InvalidJob(f"{what} must be a non-empty path")
+    try:
+        path = os.fspath(value)
+    except TypeError:
+        raise InvalidJob(f"{what} must be a path, not {value!r}") from None
+    if not isinstance(path, str):
+        raise InvalidJob(f"{what} must be a path as text, not {value!r}")
+    _check_text(what, path)
     return path
+
+
+def _check_text(what: str, text: object, *, empty: bool = False) -> None:
+    """Raise :class:`InvalidJob` unless ``text`` is a string the system can take: no NUL,
+    nothing that has no bytes (a lone surrogate), and not empty unless ``empty``."""
+    if not isinstance(text, str):
+        raise InvalidJob(f"{what} must be a string, not {text!r}")
+    if not text and not empty:
+        raise InvalidJob(f"{what} is empty")
+    if "\0" in text:
+        raise InvalidJob(f"{what} holds a NUL character")
+    try:
+        os.fsencode(text)
+    except UnicodeError:
+        raise InvalidJob(f"{what} holds characters that have no bytes: {text!r}") from None

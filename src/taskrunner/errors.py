@@ -23,6 +23,9 @@ class Unusable(TaskrunnerError):
         self.path = path
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type[Unusable], tuple[str, str]]:
+        return type(self), (self.path, self.reason)  # so that it crosses process pools
+
 
 class LockUnusable(Unusable):
     """The lock cannot be taken or inspected: bad path, wrong file type, permission, disk."""
@@ -49,6 +52,9 @@ class LockBusy(TaskrunnerError):
         what = holder.describe() if holder is not None else "a manual hold"
         super().__init__(f"{path}: busy: {what}")
 
+    def __reduce__(self) -> tuple[type[LockBusy], tuple[str, Holder | None, float | None]]:
+        return type(self), (self.path, self.holder, self.since)
+
     @property
     def manual(self) -> bool:
         return self.holder is None
@@ -61,6 +67,9 @@ class Interrupted(TaskrunnerError):
         super().__init__(f"interrupted by signal {signum}")
         self.signum = signum
 
+    def __reduce__(self) -> tuple[type[Interrupted], tuple[int]]:
+        return type(self), (self.signum,)
+
 
 class CannotRun(TaskrunnerError):
     """The program could not be started: 127 when not found, 126 otherwise (as a shell says)."""
@@ -70,3 +79,6 @@ class CannotRun(TaskrunnerError):
         self.program = program
         self.reason = reason
         self.status = status
+
+    def __reduce__(self) -> tuple[type[CannotRun], tuple[str, str, int]]:
+        return type(self), (self.program, self.reason, self.status)

@@ -132,8 +132,10 @@ class Result:
         return self.status in (BUSY, STUCK) and self.started is None
 
 
-def run(job: Job, lock: LockBackend, reporter: Reporter) -> Result:
-    """Run ``job`` under ``lock``."""
+def run(job: Job, lock: LockBackend, reporter: Reporter, *, redeliver: bool = False) -> Result:
+    """Run ``job`` under ``lock``. With ``redeliver`` (a library caller), the termination
+    signals that came while it ran and were not passed on to the command are raised again
+    once the caller's handlers are back, so that they act as they would have."""
     if not hasattr(signal, "sigtimedwait"):
         message = (
             f"{job.name}: not run: this system lacks sigtimedwait(2), which taskrunner needs "
@@ -150,6 +152,9 @@ def run(job: Job, lock: LockBackend, reporter: Reporter) -> Result:
         return result
     finally:
         watch.restore()
+        if redeliver:
+            for sig in dict.fromkeys(watch.pending):
+                signal.raise_signal(sig)
 
 
 def _run(job: Job, lock: LockBackend, watch: SignalWatch, reporter: Reporter) -> Result:
@@ -372,6 +377,21 @@ def _execute(
     if lock.fencing_token is not None:
         env[b"TASKRUNNER_FENCING_TOKEN"] = b"%d" % lock.fencing_token
     output = _hold_output() if job.quiet_success else None
+    try:
+        return _supervise(job, env, output, lock, watch, reporter)
+    finally:
+        for f in output or ():
+            f.close()
+
+
+def _supervise(
+    job: Job,
+    env: dict[bytes, bytes],
+    output: tuple[BinaryIO, BinaryIO] | None,
+    lock: LockBackend,
+    watch: SignalWatch,
+    reporter: Reporter,
+) -> Result:
     child = Child(
         ["sh", "-c", job.argv[0]] if job.shell else job.argv,
         env,
@@ -383,15 +403,20 @@ def _execute(
     child.block()
     try:
         watch.check()  # whatever came before the block; what comes after waits for the child
-    except Interrupted:
+        started, wall = time.monotonic(), time.time()
+        child.start()
+        try:
+            lock.note_command(child.pid)
+            if reporter.wants(DEBUG):
+                reporter.debug("start", f"started {job.command_text!r} as pid {child.pid}")
+            outcome = child.wait(job.timeout, job.kill_after, watch.pending, lock.heartbeat())
+        except BaseException:
+            # Cut short by something of a library caller's (an exception from its own signal
+            # handler): the command must not run on unwatched, holding the lock.
+            child.stop()
+            raise
+    finally:
         child.unblock()
-        raise
-    started, wall = time.monotonic(), time.time()
-    child.start()
-    lock.note_command(child.pid)
-    if reporter.wants(DEBUG):
-        reporter.debug("start", f"started {job.command_text!r} as pid {child.pid}")
-    outcome = child.wait(job.timeout, job.kill_after, watch.pending, lock.heartbeat())
     result = Result(outcome.exit_status)
     result.started, result.duration = wall, time.monotonic() - started
     took = f"{result.duration:.3f}s"
@@ -434,8 +459,6 @@ def _execute(
             )
         if outcome.exit_status != 0 or full:
             _show_output(output)
-        for f in output:
-            f.close()
     if outcome.from_terminal and outcome.signal in (signal.SIGINT, signal.SIGQUIT):
         result.terminal_signal = outcome.signal
     return result

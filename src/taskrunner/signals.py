@@ -53,6 +53,8 @@ class SignalWatch:
             if old == signal.SIG_IGN:
                 self.ignored.add(sig)
                 continue
+            if old is None:  # a handler set outside Python (an embedding program): leave it
+                continue
             self._saved[sig] = old
             signal.signal(sig, self._on_signal)
 
@@ -82,14 +84,18 @@ class SignalWatch:
         ``time.monotonic()`` value) passes (False). A termination signal raises
         :class:`Interrupted`. Main thread only, as Python's signal handlers are."""
         old_alarm = signal.signal(signal.SIGALRM, self._on_alarm)
+        began = time.monotonic()
         self._deadline = deadline
         done = False
+        caller_timer = (0.0, 0.0)
         try:
             try:
                 self._armed = True
                 remaining = deadline - time.monotonic()
                 if not self.pending and remaining > 0:
-                    signal.setitimer(signal.ITIMER_REAL, min(remaining, _TICK), _TICK)
+                    caller_timer = signal.setitimer(
+                        signal.ITIMER_REAL, min(remaining, _TICK), _TICK
+                    )
                     call()
                     done = True
             except _Wakeup:
@@ -99,5 +105,21 @@ class SignalWatch:
             self._armed = False
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, old_alarm)
+            _resume_timer(caller_timer, time.monotonic() - began)
         self.check()
         return done
+
+
+def _resume_timer(timer: tuple[float, float], spent: float) -> None:
+    """Set again a timer a library caller had running (``setitimer``'s ``(delay,
+    interval)``), less the time ``spent`` meanwhile; raise its SIGALRM if it ran out."""
+    delay, interval = timer
+    if delay <= 0:
+        return
+    left = delay - spent
+    if left > 0:
+        signal.setitimer(signal.ITIMER_REAL, left, interval)
+        return
+    if interval > 0:
+        signal.setitimer(signal.ITIMER_REAL, interval, interval)
+    signal.raise_signal(signal.SIGALRM)
