@@ -26,12 +26,15 @@ import filelock
 import taskrunner
 
 # What each lock does for its time: the file while held, the record, a dead holder's lock.
+UNSYNCED = "taskrunner.Lock, no fdatasync"
 DOES = {
     "taskrunner.Lock": "file exists only while held; holder record; stale lock taken over; "
     "record fdatasync'd before it is published",
     "filelock.SoftFileLock": "file exists only while held; holder record; stale lock taken over",
     "filelock.FileLock": "flock on a file that is never removed",
     "fasteners.InterProcessLock": "fcntl lock on a file that is never removed",
+    UNSYNCED: "taskrunner.Lock with fdatasync made a no-op: not a mode taskrunner has; "
+    "the difference is what the sync costs",
 }
 
 
@@ -44,7 +47,29 @@ def locks(directory: str) -> dict[str, Any]:
         "filelock.SoftFileLock": filelock.SoftFileLock(path("soft.lock")),
         "filelock.FileLock": filelock.FileLock(path("file.lock")),
         "fasteners.InterProcessLock": fasteners.InterProcessLock(path("fasteners.lock")),
+        UNSYNCED: Unsynced(taskrunner.Lock(path("unsynced.lock"))),
     }
+
+
+class Unsynced:
+    """A taskrunner.Lock whose record is not fdatasync'd, to measure what the sync costs."""
+
+    def __init__(self, lock: taskrunner.Lock) -> None:
+        self.lock = lock
+
+    def acquire(self) -> None:
+        sync, os.fdatasync = os.fdatasync, _no_sync
+        try:
+            self.lock.acquire()
+        finally:
+            os.fdatasync = sync
+
+    def release(self) -> None:
+        self.lock.release()
+
+
+def _no_sync(fd: int) -> None:
+    pass
 
 
 def pairs_per_second(acquire: Callable[[], object], release: Callable[[], object], n: int) -> float:
