@@ -21,6 +21,7 @@ import taskrunner
 
 from conftest import (
     HANG,
+    alive,
     blocked_in_flock,
     finish,
     hold,
@@ -497,32 +498,10 @@ def test_an_exception_from_the_callers_handler_stops_the_command(lockdir: Path, 
     assert started.exists()
 
 
-def test_a_process_forked_by_another_thread_does_not_keep_the_lock(lockdir: Path):
-    lock = lockdir / "job.lock"
-    children: list[int] = []
-
-    def fork_a_worker() -> None:
-        time.sleep(0.2)  # while run() below waits for its command
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover (the child)
-            time.sleep(3)
-            os._exit(0)
-        children.append(pid)
-
-    worker = threading.Thread(target=fork_a_worker)
-    worker.start()
-    try:
-        result = taskrunner.run(["sleep", "0.5"], lock)
-        assert (result.status, result.held) == (0, False)
-        assert not lock.exists()
-    finally:
-        worker.join()
-        for pid in children:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-
-
-def test_a_holders_forked_child_does_not_hold_the_lock_once_the_holder_dies(lockdir: Path):
+def test_a_holders_forked_child_keeps_the_lock_until_it_ends(lockdir: Path):
+    """As with flock(1): a process forked while the lock is held shares its open files, so
+    if the holder dies first, the lock is held until that process ends too, and is stale
+    (taken over) after."""
     lock, pids = lockdir / "job.lock", lockdir.parent / "pids"
     holder = python(f"""
         import os, time, taskrunner
@@ -540,10 +519,55 @@ def test_a_holders_forked_child_does_not_hold_the_lock_once_the_holder_dies(lock
     try:
         holder.kill()
         holder.wait()
-        with taskrunner.Lock(lock) as taken:  # stale: the child closed its copies at fork
-            assert taken.recovered is not None and taken.recovered.pid == holder.pid
+        with pytest.raises(taskrunner.LockBusy):
+            taskrunner.Lock(lock).acquire()
     finally:
         os.kill(child, signal.SIGKILL)
+    wait_for(lambda: not alive(child), "the child to die")
+    with taskrunner.Lock(lock) as taken:
+        assert taken.recovered is not None and taken.recovered.pid == holder.pid
+
+
+def test_run_in_a_program_with_threads_sees_its_command_end(lockdir: Path):
+    """Another thread that does not block SIGCHLD takes it, and drops it, when the command
+    ends before run() waits for it: run() must still see the end."""
+    lock = lockdir / "job.lock"
+    caller = python(f"""
+        import threading, time, taskrunner
+        from taskrunner.lockfile import FileLock
+        threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+        note = FileLock.note_command
+        def slow_note(self, pid):  # the command ends meanwhile
+            time.sleep(0.3)
+            note(self, pid)
+        FileLock.note_command = slow_note
+        print(taskrunner.run(["true"], {str(lock)!r}).status)
+    """)
+    assert finish(caller) == (0, "0\n", "")
+
+
+def test_an_ended_record_whose_command_is_unknown_is_held_while_the_command_runs(
+    lockdir: Path, procs
+):
+    """A run that ended without knowing its command's pid (cut short between starting it
+    and writing it down) leaves a record that says it ended: the command, found by the
+    lock path in its environment, still keeps the lock, whoever else lives or not."""
+    lock = lockdir / "job.lock"
+    record = taskrunner.Holder.current("the job", str(lock))
+    record.ended = time.time()
+    lock.write_bytes(record.encode())
+    lock.chmod(0o600)
+    env = {**os.environ, "TASKRUNNER_LOCKFILE": str(lock)}
+    command = subprocess.Popen(["sleep", "60"], env=env)
+    try:
+        wait_for(lambda: Path(f"/proc/{command.pid}/cmdline").read_bytes().startswith(b"sleep"),
+                 "the command to exec")  # fmt: skip
+        assert run("-l", str(lock), "-c", "true").returncode == 75
+    finally:
+        command.kill()
+        command.wait()
+    assert run("-l", str(lock), "-c", "true").returncode == 0
+    assert not lock.exists()
 
 
 def test_run_leaves_the_signal_mask_as_it_found_it_when_spawning_fails(lockdir: Path, monkeypatch):

@@ -90,8 +90,8 @@ def run(
         from taskrunner.pglock import PgLock
 
         lock = PgLock(job.lock_url or "", job.key or "", cumulative=job.cumulative)
-    result = run_job(job, lock, LogReporter(job.name), redeliver=True)
-    if result.terminal_signal is not None:
+    result = run_job(job, lock, LogReporter(job.name), library=True)
+    if result.terminal_signal is not None and result.ran:  # (if not, it was raised again)
         # The terminal's Ctrl-C or Ctrl-\ ended the command: as a shell running it would,
         # the caller gets it too (KeyboardInterrupt, for Ctrl-C and Python's own handler).
         signal.raise_signal(result.terminal_signal)

@@ -13,8 +13,6 @@ import stat
 from taskrunner.errors import Unusable
 
 OPEN_FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK
-#: True while taskrunner forks its command, whose child is to keep every descriptor it got.
-FORKING_COMMAND = [False]
 
 _REASONS = {
     errno.ENOENT: "no such file or directory",

@@ -342,9 +342,11 @@ class Holder:
                 return True
             if self.command_pid is not None and self.command_start is not None:
                 return running(self.command_pid, self.command_start)
-        # The runner died before it recorded its command's pid, or its pids are another pid
-        # namespace's: look for the command by the path it was given, whatever its pid.
-        if self.ended is None and self.lockfile is not None:
+        # The runner died before it recorded its command's pid (or ended without knowing
+        # it), or its pids are another pid namespace's: look for the command by the path it
+        # was given, whatever its pid.
+        unknown = self.command_pid is None or not same_pids
+        if self.lockfile is not None and (self.ended is None or unknown):
             return command_of(self.lockfile, self.proc_start)
         return False if same_pids else None
 

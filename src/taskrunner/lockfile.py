@@ -28,7 +28,6 @@ import time
 
 from taskrunner.errors import LockBusy, LockUnusable
 from taskrunner.fsutil import (
-    FORKING_COMMAND,
     OPEN_FLAGS,
     caveat,
     check_ours,
@@ -421,7 +420,6 @@ class FileLock:
         try:
             self.release()
         finally:
-            _OPEN.discard(self)
             self._drop_busy()
             self._discard_record()
             if self._command_fd is not None:
@@ -434,7 +432,6 @@ class FileLock:
     def _open_dir(self) -> int:
         if self._dirfd is None:
             self._dirfd, self._name = open_parent(self.path, LockUnusable)
-            _OPEN.add(self)
         return self._dirfd
 
     def _drop_busy(self) -> None:
@@ -519,22 +516,6 @@ class FileLock:
                 return removed
         raise self._keeps_changing()
 
-
-# The locks this process has descriptors of. A process forked from it (by another thread,
-# say, or a library caller's multiprocessing) gets copies of them all, close-on-exec or not,
-# and would hold the lock for as long as it lived: they are closed in the child at once. Not
-# in the command taskrunner forks itself, which is to inherit the lock.
-_OPEN: set[FileLock] = set()
-
-
-def _close_in_child() -> None:
-    if FORKING_COMMAND[0]:
-        return
-    for lock in list(_OPEN):
-        lock.abandon()
-
-
-os.register_at_fork(after_in_child=_close_in_child)
 
 FREE, HELD, STALE, MANUAL = "free", "held", "stale", "manual"
 

@@ -18,7 +18,7 @@ import os
 import time
 
 from taskrunner.errors import CannotRun, Interrupted
-from taskrunner.fsutil import FORKING_COMMAND, close
+from taskrunner.fsutil import close
 from taskrunner.holder import process_start, running
 from taskrunner.signals import signal
 
@@ -211,14 +211,7 @@ class Child:
         leave us unable to stop while the new process waits to exec: a Ctrl-Z at that
         moment would stop the command but not us, and the shell would wait forever."""
         report, errors = os.pipe()  # close-on-exec: an exec that works closes it
-        FORKING_COMMAND[0] = True  # the child keeps its copy of the lock (see lockfile)
-        try:
-            pid = os.fork()
-        except BaseException:
-            FORKING_COMMAND[0] = False
-            raise
-        if pid != 0:
-            FORKING_COMMAND[0] = False
+        pid = os.fork()
         if pid == 0:  # pragma: no cover (the child)
             try:
                 os.close(report)
@@ -251,19 +244,26 @@ class Child:
         kill_after: float,
         early: list[int],
         heartbeat: Heartbeat | None = None,
+        reap_every: float | None = None,
     ) -> Outcome:
         """Wait for the command to end, passing on the termination signals the runner gets;
         at ``timeout`` seconds (0: never) send TERM, then KILL ``kill_after`` later (0: KILL
         at once). ``early`` holds signals that reached a handler just before they were
         blocked: they are passed on first. A ``heartbeat`` that fails stops the command the
-        same way, at once."""
+        same way, at once. ``reap_every``: also look for the command's end that often, for
+        a process with other threads, any of which may take the SIGCHLD (and drop it)."""
         try:
-            return self._wait(timeout, kill_after, early, heartbeat)
+            return self._wait(timeout, kill_after, early, heartbeat, reap_every)
         finally:
             self._restore_mask()
 
     def _wait(
-        self, timeout: float, kill_after: float, early: list[int], heartbeat: Heartbeat | None
+        self,
+        timeout: float,
+        kill_after: float,
+        early: list[int],
+        heartbeat: Heartbeat | None,
+        reap_every: float | None,
     ) -> Outcome:
         deadline = time.monotonic() + timeout if timeout > 0 else None
         # Once stopping (the time limit, or a lock lost), ``deadline`` is when KILL is due.
@@ -274,12 +274,16 @@ class Child:
             terminal = terminal or (not self.own_group and sig in (signal.SIGINT, signal.SIGQUIT))
             self.send(sig)
         while True:
-            wake = min((t for t in (deadline, beat) if t is not None), default=None)
+            look = None if reap_every is None else time.monotonic() + reap_every
+            wake = min((t for t in (deadline, beat, look) if t is not None), default=None)
             if wake is None:
                 info: signal.struct_siginfo | None = signal.sigwaitinfo(self._waited)
             else:
                 info = signal.sigtimedwait(self._waited, max(0.0, wake - time.monotonic()))
             if info is None:
+                status = None if reap_every is None else self._reap()
+                if status is not None:
+                    return self._ended(status, stopping, deadline, timed_out, terminal, lost)
                 if beat is not None and time.monotonic() >= beat:
                     assert heartbeat is not None
                     if heartbeat.check():
@@ -300,14 +304,26 @@ class Child:
                     terminal = True  # the terminal signalled the whole job, the command too
             else:
                 status = self._reap()
-                if status is None:
-                    continue
-                if stopping:
-                    self._finish_group(deadline)
-                if os.WIFSIGNALED(status):
-                    sig = os.WTERMSIG(status)
-                    return Outcome(128 + sig, sig, timed_out, terminal, lost)
-                return Outcome(os.WEXITSTATUS(status), None, timed_out, False, lost)
+                if status is not None:
+                    return self._ended(status, stopping, deadline, timed_out, terminal, lost)
+
+    def _ended(
+        self,
+        status: int,
+        stopping: bool,
+        deadline: float | None,
+        timed_out: bool,
+        terminal: bool,
+        lost: bool,
+    ) -> Outcome:
+        """The command has ended with wait ``status``: wait for the rest of its group if it
+        was being stopped, and say how it ended."""
+        if stopping:
+            self._finish_group(deadline)
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            return Outcome(128 + sig, sig, timed_out, terminal, lost)
+        return Outcome(os.WEXITSTATUS(status), None, timed_out, False, lost)
 
     def _time_up(self, timed_out: bool, kill_after: float) -> float | None:
         """Act on the time limit (TERM, or KILL at once) or on the end of the grace after

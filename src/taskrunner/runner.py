@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 _GRACE = 1.0
 # Less free space than this where the output is held, and it may have been cut short.
 _ROOM = 1 << 16
+# How often a library caller's run looks for its command without a SIGCHLD (see run()).
+_REAP_EVERY = 0.1
 UNUSABLE = 71
 BUSY = 75
 STUCK = 76
@@ -132,10 +134,12 @@ class Result:
         return self.status in (BUSY, STUCK) and self.started is None
 
 
-def run(job: Job, lock: LockBackend, reporter: Reporter, *, redeliver: bool = False) -> Result:
-    """Run ``job`` under ``lock``. With ``redeliver`` (a library caller), the termination
-    signals that came while it ran and were not passed on to the command are raised again
-    once the caller's handlers are back, so that they act as they would have."""
+def run(job: Job, lock: LockBackend, reporter: Reporter, *, library: bool = False) -> Result:
+    """Run ``job`` under ``lock``. For a ``library`` caller, whose process goes on and may
+    have threads of its own: the termination signals that came while it ran and were not
+    passed on to the command are raised again once the caller's handlers are back, so that
+    they act as they would have; and the command is also looked for every ``_REAP_EVERY``
+    seconds, since another thread can take the SIGCHLD that says it ended."""
     if not hasattr(signal, "sigtimedwait"):
         message = (
             f"{job.name}: not run: this system lacks sigtimedwait(2), which taskrunner needs "
@@ -146,18 +150,20 @@ def run(job: Job, lock: LockBackend, reporter: Reporter, *, redeliver: bool = Fa
     watch = SignalWatch()
     watch.install()
     try:
-        result = _run(job, lock, watch, reporter)
+        result = _run(job, lock, watch, reporter, library)
         if job.metrics_file is not None:
             _record_metrics(job, job.metrics_file, result, watch, reporter)
         return result
     finally:
         watch.restore()
-        if redeliver:
+        if library:
             for sig in dict.fromkeys(watch.pending):
                 signal.raise_signal(sig)
 
 
-def _run(job: Job, lock: LockBackend, watch: SignalWatch, reporter: Reporter) -> Result:
+def _run(
+    job: Job, lock: LockBackend, watch: SignalWatch, reporter: Reporter, library: bool
+) -> Result:
     counter: Tally | None = None
     if job.counter_file:
         from taskrunner.counter import Counter
@@ -174,7 +180,7 @@ def _run(job: Job, lock: LockBackend, watch: SignalWatch, reporter: Reporter) ->
             _acquire(job, where, lock, counter, watch, reporter)
         except LockBusy as busy:
             return _refuse(job, where, lock, busy, counter, watch, reporter)
-        return _execute(job, where, lock, watch, reporter)
+        return _execute(job, where, lock, watch, reporter, library)
     except Unusable as exc:
         reporter.error("unusable", f"{job.name}: not run: {exc.path}: {exc.reason}")
         return _failed(UNUSABLE, exc)
@@ -368,8 +374,9 @@ def _refuse(
 
 
 def _execute(
-    job: Job, where: str, lock: LockBackend, watch: SignalWatch, reporter: Reporter
-) -> Result:
+    job: Job, where: str, lock: LockBackend, watch: SignalWatch, reporter: Reporter,
+    library: bool,
+) -> Result:  # fmt: skip
     env = dict(os.environb)  # bytes: no decoding and encoding back of every variable
     if job.lockfile is not None:
         env[b"TASKRUNNER_LOCKFILE"] = os.fsencode(where)
@@ -378,7 +385,7 @@ def _execute(
         env[b"TASKRUNNER_FENCING_TOKEN"] = b"%d" % lock.fencing_token
     output = _hold_output() if job.quiet_success else None
     try:
-        return _supervise(job, env, output, lock, watch, reporter)
+        return _supervise(job, env, output, lock, watch, reporter, library)
     finally:
         for f in output or ():
             f.close()
@@ -391,6 +398,7 @@ def _supervise(
     lock: LockBackend,
     watch: SignalWatch,
     reporter: Reporter,
+    library: bool,
 ) -> Result:
     child = Child(
         ["sh", "-c", job.argv[0]] if job.shell else job.argv,
@@ -404,12 +412,13 @@ def _supervise(
     try:
         watch.check()  # whatever came before the block; what comes after waits for the child
         started, wall = time.monotonic(), time.time()
-        child.start()
         try:
+            child.start()
             lock.note_command(child.pid)
             if reporter.wants(DEBUG):
                 reporter.debug("start", f"started {job.command_text!r} as pid {child.pid}")
-            outcome = child.wait(job.timeout, job.kill_after, watch.pending, lock.heartbeat())
+            outcome = child.wait(job.timeout, job.kill_after, watch.pending, lock.heartbeat(),
+                                 reap_every=_REAP_EVERY if library else None)  # fmt: skip
         except BaseException:
             # Cut short by something of a library caller's (an exception from its own signal
             # handler): the command must not run on unwatched, holding the lock.

@@ -83,19 +83,18 @@ class SignalWatch:
         """Run the blocking ``call`` until it returns (True) or ``deadline`` (a
         ``time.monotonic()`` value) passes (False). A termination signal raises
         :class:`Interrupted`. Main thread only, as Python's signal handlers are."""
-        old_alarm = signal.signal(signal.SIGALRM, self._on_alarm)
+        # A library caller's own timer, if it has one running, is held back meanwhile.
+        caller_timer = signal.setitimer(signal.ITIMER_REAL, 0)
         began = time.monotonic()
+        old_alarm = signal.signal(signal.SIGALRM, self._on_alarm)
         self._deadline = deadline
         done = False
-        caller_timer = (0.0, 0.0)
         try:
             try:
                 self._armed = True
                 remaining = deadline - time.monotonic()
                 if not self.pending and remaining > 0:
-                    caller_timer = signal.setitimer(
-                        signal.ITIMER_REAL, min(remaining, _TICK), _TICK
-                    )
+                    signal.setitimer(signal.ITIMER_REAL, min(remaining, _TICK), _TICK)
                     call()
                     done = True
             except _Wakeup:
