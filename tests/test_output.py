@@ -56,7 +56,7 @@ def test_quiet_when_fine_and_own_lines_are_prefixed(lockdir: Path, tmp_path: Pat
     ), line
     assert run("-q", "-l", str(lock), "-c", "true").stderr == ""
     verbose = run("-v", "-l", str(lock), "-t", "9", "-f", str(tmp_path / "c"), "-c", "true")
-    assert "refused 1 times in a row (threshold 9)" in verbose.stderr
+    assert "refused once in a row (threshold 9)" in verbose.stderr
     go.touch()
     finish(holder)
     assert "exited with status 0" in run("-v", "-l", str(lock), "-c", "true").stderr

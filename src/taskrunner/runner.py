@@ -356,7 +356,8 @@ def _refuse(
                 "counter", f"{counter.path}: held {counter.garbage[:20]!r}, not a count; read as 0"
             )
         in_a_row = "" if job.cumulative else " in a row"
-        counted = f"; refused {count} times{in_a_row} (threshold {job.threshold})"
+        times = "once" if count == 1 else f"{count} times"
+        counted = f"; refused {times}{in_a_row} (threshold {job.threshold})"
         fields["count"] = count
     if fired or aged:
         longer = f", longer than --stuck-after {_seconds(job.stuck_after)}" if aged else ""
