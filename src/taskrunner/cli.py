@@ -60,7 +60,9 @@ ENVIRONMENT = """\
 The command gets TASKRUNNER_LOCKFILE and TASKRUNNER_NAME in its environment; in fleet mode
 TASKRUNNER_NAME and TASKRUNNER_FENCING_TOKEN, which grows with every acquisition. Hooks get
 TASKRUNNER_EVENT (stuck or stale), TASKRUNNER_NAME, TASKRUNNER_LOCKFILE, TASKRUNNER_COUNT,
-TASKRUNNER_HOLDER_PID, TASKRUNNER_HOLDER_HOST and TASKRUNNER_HOLDER_SINCE."""
+TASKRUNNER_HOLDER_PID, TASKRUNNER_HOLDER_HOST and TASKRUNNER_HOLDER_SINCE.
+taskrunner reads TMPDIR (where --quiet-success holds the output), TASKRUNNER_SYSLOG_SOCKET
+(the syslog socket, if not /dev/log) and, in fleet mode, libpq's PG* variables."""
 _SUBCOMMANDS = """\
 taskrunner status [--json] [-f COUNTERFILE] LOCKFILE...
   each lock's state (free, held, stale, manual), holder and age; exit 71 if one cannot be read
