@@ -72,6 +72,13 @@ def hold(lock: Path, go: Path, *options: str) -> subprocess.Popen[str]:
     return proc
 
 
+def settled(lock: Path, go: Path) -> subprocess.Popen[str]:
+    """A run holding ``lock`` until ``go`` exists, once its record names its command."""
+    proc = hold(lock, go)
+    wait_for(lambda: b"\ncommand_pid " in lock.read_bytes(), "the command's pid in the record")
+    return proc
+
+
 def leave_stale(lock: Path) -> int:
     """Make ``lock`` stale as kill -9 of a run and its command does; the dead run's pid."""
     proc = start("-l", str(lock), "--", "sleep", "60")

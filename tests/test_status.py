@@ -22,11 +22,11 @@ from conftest import (
     alive,
     children,
     finish,
-    hold,
     leave_stale,
     nobodys_file,
     probe,
     run,
+    settled,
     start,
     until,
     wait_for,
@@ -35,13 +35,6 @@ from conftest import (
 HOST = socket.gethostname()
 ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 STRACE = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
-
-
-def settled(lock: Path, go: Path) -> subprocess.Popen[str]:
-    """A run holding ``lock`` until ``go`` exists, once its record names its command."""
-    proc = hold(lock, go)
-    wait_for(lambda: b"\ncommand_pid " in lock.read_bytes(), "the command's pid in the record")
-    return proc
 
 
 def status(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:

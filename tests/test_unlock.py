@@ -15,25 +15,18 @@ from conftest import (
     NOBODY,
     TASKRUNNER,
     finish,
-    hold,
     leave_stale,
     nobodys_file,
     overlaps,
     probe,
     run,
+    settled,
     start,
     until,
     wait_for,
 )
 
 HOST = socket.gethostname()
-
-
-def settled(lock: Path, go: Path) -> subprocess.Popen[str]:
-    """A run holding ``lock`` until ``go`` exists, once its record names its command."""
-    proc = hold(lock, go)
-    wait_for(lambda: b"\ncommand_pid " in lock.read_bytes(), "the command's pid in the record")
-    return proc
 
 
 def unlock(*args: str) -> subprocess.CompletedProcess[str]:
