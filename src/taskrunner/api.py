@@ -13,7 +13,7 @@ import signal
 import threading
 
 from taskrunner.errors import InvalidJob
-from taskrunner.runner import Job, Result
+from taskrunner.runner import Job, Result, metrics_lock, same_file
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -183,17 +183,14 @@ def _job(
             url(notify_url)
         except (TypeError, ValueError) as exc:
             raise InvalidJob(f"notify_url: {exc}") from None
-    # No two of taskrunner's files may be one: each would clobber the other.
-    seen: dict[str, str] = {}
-    for what, path in (("lockfile", lock_path), ("counter_file", counter),
-                       ("metrics_file", metrics),
-                       ("the metrics file's lock", None if metrics is None else metrics + ".lock"),
-                       ):  # fmt: skip
-        if path is not None:
-            where = os.path.abspath(path)
-            if where in seen:
-                raise InvalidJob(f"{what} must not be {seen[where]}")
-            seen[where] = what
+    clash = same_file([
+        ("lockfile", lock_path),
+        ("counter_file", counter),
+        ("metrics_file", metrics),
+        ("the metrics file's lock", metrics_lock(metrics)),
+    ])  # fmt: skip
+    if clash is not None:
+        raise InvalidJob(f"{clash[0]} must not be {clash[1]}")
     return Job(
         lock_path,
         argv,

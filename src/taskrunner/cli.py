@@ -283,7 +283,7 @@ def main_parser() -> argparse.ArgumentParser:
 
 
 def _job_from(values: dict[str, object], program: list[str] | None) -> Job:
-    from taskrunner.runner import Job
+    from taskrunner.runner import Job, metrics_lock, same_file
 
     def text(key: str) -> str | None:
         value = values.get(key)
@@ -323,20 +323,15 @@ def _job_from(values: dict[str, object], program: list[str] | None) -> Job:
         raise UsageError("the program after -- is empty")
     # No two of taskrunner's files may be one: each would clobber the other.
     metrics = text("metrics_file")
-    files = (
+    clash = same_file([
         ("the lock file", lockfile),
         ("the counter file", counter_file),
         ("the metrics file", metrics),
-        ("the metrics file's lock", None if metrics is None else metrics + ".lock"),
+        ("the metrics file's lock", metrics_lock(metrics)),
         ("the log file", text("log_file")),
-    )
-    seen: dict[str, str] = {}
-    for what, path in files:
-        if path is not None:
-            where = os.path.abspath(path)
-            if where in seen:
-                raise UsageError(f"{what} must not be {seen[where]}")
-            seen[where] = what
+    ])  # fmt: skip
+    if clash is not None:
+        raise UsageError(f"{clash[0]} must not be {clash[1]}")
     if values.get("hook_timeout") == 0:
         raise UsageError("--hook-timeout must be more than 0: hooks are always cut off")
     name = text("name") or key or os.path.basename(lockfile or "") or lockfile or ""

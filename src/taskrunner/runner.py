@@ -41,6 +41,26 @@ BUSY = 75
 STUCK = 76
 
 
+def same_file(files: list[tuple[str, str | None]]) -> tuple[str, str] | None:
+    """No two of taskrunner's files may be one: each would clobber the other. Given them as
+    (what, path) pairs (a path None where there is none), the first that is one of the
+    earlier ones, and which: (what, what it also is); None if all differ."""
+    seen: dict[str, str] = {}
+    for what, path in files:
+        if path is not None:
+            where = os.path.abspath(path)
+            if where in seen:
+                return what, seen[where]
+            seen[where] = what
+    return None
+
+
+def metrics_lock(metrics_file: str | None) -> str | None:
+    """The sidecar that serialises updates of ``metrics_file``: ``NAME.lock`` (for a name
+    too long for that, replaced.temp_name shortens it)."""
+    return None if metrics_file is None else metrics_file + ".lock"
+
+
 class Job:
     """What to run and how, as plain values (the command line fills it in)."""
 
