@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from taskrunner.metrics import SERIES, escape, parse, render
 
-from conftest import AS_NOBODY, HANG, PLANTS, blocked_in_flock, plant, wait_for
+from conftest import AS_NOBODY, HANG, PLANTS, blocked_in_flock, flocked, plant, wait_for
 
 # argv: PATH NAME INVOCATION-JSON [TIMES [GO-FILE]]; exit 71 and one line if unusable.
 RECORD = """\
@@ -304,21 +304,27 @@ def test_a_temp_file_left_by_a_crash_is_replaced(tmp_path: Path):
     assert not temp.exists()
 
 
+def put(kind: str, path: Path, target: Path, ghost: Path) -> None:
+    """As root, put at ``path`` a symlink to ``target`` or to the missing ``ghost``, a FIFO,
+    a directory, or a hard link to ``target``."""
+    if kind == "symlink":
+        path.symlink_to(target)
+    elif kind == "dangling symlink":
+        path.symlink_to(ghost)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        os.link(target, path)
+
+
 @pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "fifo", "directory", "hard link"])
 def test_an_unusable_path_is_refused_and_left_alone(tmp_path: Path, kind: str):
     prom, target, ghost = tmp_path / "job.prom", tmp_path / "target", tmp_path / "ghost"
     target.write_text("precious\n")
     before = target.read_text(), target.stat().st_mtime_ns
-    if kind == "symlink":
-        prom.symlink_to(target)
-    elif kind == "dangling symlink":
-        prom.symlink_to(ghost)
-    elif kind == "fifo":
-        os.mkfifo(prom)
-    elif kind == "directory":
-        prom.mkdir()
-    else:
-        os.link(target, prom)
+    put(kind, prom, target, ghost)
     line = refused_record(prom, **REFUSAL)
     assert line.startswith(f"unusable: {prom}: ")
     assert (target.read_text(), target.stat().st_mtime_ns) == before
@@ -460,16 +466,6 @@ def test_the_sidecar_is_mode_0600_and_stays(tmp_path: Path):
         assert lock.stat().st_ino == st.st_ino, "never replaced, so never removed"
 
 
-def flocked(path: Path) -> bool:
-    """Whether some other open file holds a flock of ``path``."""
-    with path.open("rb") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        return False
-
-
 def test_a_flock_on_the_file_itself_holds_no_update_up(tmp_path: Path):
     """Any reader of the file can flock it; updates wait only for the sidecar's flock."""
     prom = tmp_path / "job.prom"
@@ -521,16 +517,7 @@ def test_an_unusable_sidecar_is_refused_and_left_alone(tmp_path: Path, kind: str
     content = prom.read_bytes()
     target.write_text("precious\n")
     before = target.read_text(), target.stat().st_mtime_ns
-    if kind == "symlink":
-        lock.symlink_to(target)
-    elif kind == "dangling symlink":
-        lock.symlink_to(ghost)
-    elif kind == "fifo":
-        os.mkfifo(lock)
-    elif kind == "directory":
-        lock.mkdir()
-    else:
-        os.link(target, lock)
+    put(kind, lock, target, ghost)
     line = refused_record(prom, **REFUSAL)
     assert line == f"unusable: {prom}: job.prom.lock {why}"
     assert prom.read_bytes() == content

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import stat
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import finish, hold, run, start, wait_for
+from conftest import finish, flocked, hold, run, start, wait_for
 
 NOBODY = 65534
 
@@ -127,16 +126,11 @@ def test_another_user_flocking_the_metrics_file_does_not_hold_the_run_up(lockdir
         )  # fmt: skip
         procs.append(holder)
 
-        def flocked() -> bool:
+        def nobody_flocks() -> bool:
             assert holder.poll() is None, "nobody's flock ended early"
-            with prom.open("rb") as f:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    return True
-                return False
+            return flocked(prom)
 
-        wait_for(flocked, "nobody to flock the metrics file")
+        wait_for(nobody_flocks, "nobody to flock the metrics file")
         result = run(*opts, "-c", "true")
         assert (result.returncode, result.stderr) == (0, "")
         assert holder.poll() is None, "the run was done while nobody still held the flock"
